@@ -1,0 +1,275 @@
+// ops.cpp: the only C++ file that sees at::Tensor. Defines the `ssimkd` custom ops' schemas, checks
+// their inputs (cheaply: loss.py has already validated with messages that name levels and shapes),
+// allocates outputs, fills FusedArgs and calls the CPU or CUDA launcher. Fake kernels and autograd are
+// registered in Python (ssimkd_kernels/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "ssim_params.h"
+
+#ifdef SSIMKD_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace ssimkd {
+namespace {
+
+// Scalar options shared by both directions.
+struct Options {
+  int64_t window;
+  double sigma, c1, c2;
+  int64_t padding;
+  double alpha, beta, gamma;
+  bool clamp;
+};
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "ssimkd: inputs must be float16, bfloat16, float32 or float64, got ", t);
+  }
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
+                  const Options& o) {
+  TORCH_CHECK(!xs.empty(), "ssimkd: at least one level is required");
+  TORCH_CHECK(xs.size() == ys.size(), "ssimkd: ", xs.size(), " student levels vs ", ys.size(), " teacher levels");
+  TORCH_CHECK(o.window % 2 == 1 && o.window >= kMinWindow && o.window <= kMaxWindow,
+              "ssimkd: window_size must be odd and in [", kMinWindow, ", ", kMaxWindow, "], got ", o.window);
+  TORCH_CHECK(o.padding >= kReflect && o.padding <= kValid, "ssimkd: unknown padding code ", o.padding);
+  TORCH_CHECK(o.sigma > 0, "ssimkd: sigma must be > 0, got ", o.sigma);
+  const auto dtype = xs[0].scalar_type();
+  const auto acc = accumulation_type(dtype);
+  to_dtype(dtype);
+  for (size_t l = 0; l < xs.size(); ++l) {
+    const auto& x = xs[l];
+    const auto& y = ys[l];
+    TORCH_CHECK(x.dim() == 4 && y.dim() == 4, "ssimkd: level ", l, ": inputs must be (N, C, H, W), got ",
+                x.sizes(), " and ", y.sizes());
+    TORCH_CHECK(x.sizes() == y.sizes(), "ssimkd: level ", l, ": student ", x.sizes(), " vs teacher ", y.sizes());
+    TORCH_CHECK(x.scalar_type() == dtype && y.scalar_type() == dtype, "ssimkd: level ", l,
+                ": every level must have dtype ", dtype, ", got ", x.scalar_type(), " and ", y.scalar_type());
+    TORCH_CHECK(x.device() == xs[0].device() && y.device() == xs[0].device(), "ssimkd: level ", l,
+                ": every tensor must be on ", xs[0].device());
+    if (o.padding == kValid) {
+      TORCH_CHECK(x.size(2) >= o.window && x.size(3) >= o.window, "ssimkd: level ", l, ": padding 'valid' needs planes of at least ",
+                  o.window, "x", o.window, ", got ", x.size(2), "x", x.size(3));
+    }
+  }
+  for (auto* affines : {&x_affines, &y_affines}) {
+    if (affines->empty()) continue;
+    TORCH_CHECK(affines->size() == xs.size(), "ssimkd: one affine per level is required");
+    for (size_t l = 0; l < xs.size(); ++l) {
+      const auto& af = (*affines)[l];
+      TORCH_CHECK(af.dim() == 3 && af.size(0) == xs[l].size(0) && af.size(1) == xs[l].size(1) && af.size(2) == 2 &&
+                      af.is_contiguous() && af.scalar_type() == acc && af.device() == xs[l].device(),
+                  "ssimkd: level ", l, ": affine must be a contiguous (N, C, 2) ", acc, " tensor, got ", af.sizes(),
+                  " ", af.scalar_type());
+    }
+  }
+}
+
+void copy_strides(const at::Tensor& t, int64_t* out) {
+  for (int d = 0; d < 4; ++d) out[d] = t.stride(d);
+}
+
+void* ptr_or_null(const std::vector<at::Tensor>& v, size_t i) { return v.empty() ? nullptr : v[i].data_ptr(); }
+
+// Fill the launch-wide fields and the tile geometry of levels [begin, end).
+FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
+                    const Options& o, size_t begin, size_t end, TileShape tile) {
+  FusedArgs a{};
+  a.num_levels = int(end - begin);
+  a.dtype = to_dtype(xs[0].scalar_type());
+  a.window = int(o.window);
+  a.radius = int(o.window / 2);
+  a.padding = int(o.padding);
+  a.tile_h = tile.h;
+  a.tile_w = tile.w;
+  gaussian_taps(a.window, o.sigma, a.taps);
+  a.c1 = o.c1;
+  a.c2 = o.c2;
+  a.alpha = o.alpha;
+  a.beta = o.beta;
+  a.gamma = o.gamma;
+  a.clamp = o.clamp;
+  int64_t tiles = 0;
+  for (size_t l = begin; l < end; ++l) {
+    LevelDesc& lv = a.levels[l - begin];
+    const at::Tensor& x = xs[l];
+    lv.x = x.data_ptr();
+    lv.y = ys[l].data_ptr();
+    copy_strides(x, lv.x_stride);
+    copy_strides(ys[l], lv.y_stride);
+    lv.x_affine = x_affines.empty() ? nullptr : x_affines[l].data_ptr();
+    lv.y_affine = y_affines.empty() ? nullptr : y_affines[l].data_ptr();
+    lv.N = x.size(0);
+    lv.C = x.size(1);
+    lv.H = x.size(2);
+    lv.W = x.size(3);
+    lv.tiles_h = (lv.H + tile.h - 1) / tile.h;
+    lv.tiles_w = (lv.W + tile.w - 1) / tile.w;
+    lv.tile_begin = tiles;
+    tiles += lv.N * lv.C * lv.tiles_h * lv.tiles_w;
+  }
+  a.total_tiles = tiles;
+  return a;
+}
+
+TileShape tile_shape(const at::Tensor& x, int window, bool backward) {
+#ifdef SSIMKD_WITH_CUDA
+  if (x.is_cuda()) return cuda_tile_shape(window, backward);
+#endif
+  TORCH_CHECK(x.is_cpu(), "ssimkd: this build has no kernel for device ", x.device());
+  return cpu_tile_shape(window, backward);
+}
+
+void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
+#ifdef SSIMKD_WITH_CUDA
+  if (like.is_cuda()) {
+    void* stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
+    backward ? ssim_bwd_cuda(args, stream) : ssim_fwd_cuda(args, stream);
+    return;
+  }
+#endif
+  backward ? ssim_bwd_cpu(args) : ssim_fwd_cpu(args);
+}
+
+int64_t output_size(int64_t n, const Options& o) { return output_extent(n, int(o.window / 2), int(o.padding)); }
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
+    at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
+    at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1, double c2, int64_t padding, double alpha, double beta, double gamma, bool clamp,
+    bool write_map) {
+  const Options o{window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp};
+  check_inputs(xs, ys, x_affines, y_affines, o);
+  const c10::OptionalDeviceGuard guard(xs[0].device());
+  const auto acc_opts = xs[0].options().dtype(accumulation_type(xs[0].scalar_type()));
+  at::Tensor losses = at::zeros({int64_t(xs.size())}, acc_opts);
+  std::vector<at::Tensor> maps;
+  if (write_map) {
+    for (const auto& x : xs)
+      maps.push_back(at::empty({x.size(0), x.size(1), output_size(x.size(2), o), output_size(x.size(3), o)}, acc_opts));
+  }
+  const TileShape tile = tile_shape(xs[0], int(window_size), false);
+  for (size_t begin = 0; begin < xs.size(); begin += kMaxLevelsPerLaunch) {
+    const size_t end = std::min(xs.size(), begin + kMaxLevelsPerLaunch);
+    FusedArgs args = make_args(xs, ys, x_affines, y_affines, o, begin, end, tile);
+    for (size_t l = begin; l < end; ++l) {
+      args.levels[l - begin].map = write_map ? maps[l].data_ptr() : nullptr;
+      args.levels[l - begin].loss_scale = level_scales[l];
+    }
+    at::Tensor partials = at::empty({args.total_tiles}, acc_opts);
+    args.tile_partials = partials.data_ptr();
+    args.level_losses = static_cast<char*>(losses.data_ptr()) + begin * losses.element_size();
+    launch(args, xs[0], false);
+  }
+  return {losses, maps};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::TensorList xs, at::TensorList ys,
+               at::TensorList x_affines, at::TensorList y_affines, at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1,
+               double c2, int64_t padding, double alpha, double beta, double gamma, bool clamp, bool x_needs_grad,
+               bool y_needs_grad) {
+  const Options o{window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp};
+  check_inputs(xs, ys, x_affines, y_affines, o);
+  TORCH_CHECK(level_scales.size() == xs.size(), "ssimkd: one level scale per level is required");
+  const auto acc = accumulation_type(xs[0].scalar_type());
+  TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == int64_t(xs.size()) && grad_losses.scalar_type() == acc &&
+                  grad_losses.device() == xs[0].device(),
+              "ssimkd: grad_losses must be a (", xs.size(), ",) ", acc, " tensor, got ", grad_losses.sizes());
+  TORCH_CHECK(grad_maps.empty() || grad_maps.size() == xs.size(), "ssimkd: grad_maps must be empty or one per level");
+  for (size_t l = 0; l < grad_maps.size(); ++l) {
+    const auto& g = grad_maps[l];
+    TORCH_CHECK(g.is_contiguous() && g.scalar_type() == acc && g.dim() == 4 && g.size(0) == xs[l].size(0) &&
+                    g.size(1) == xs[l].size(1) && g.size(2) == output_size(xs[l].size(2), o) &&
+                    g.size(3) == output_size(xs[l].size(3), o),
+                "ssimkd: level ", l, ": grad_map must be a contiguous ", acc, " map of the SSIM map's shape, got ",
+                g.sizes());
+  }
+  const c10::OptionalDeviceGuard guard(xs[0].device());
+  const auto acc_opts = xs[0].options().dtype(acc);
+  std::vector<at::Tensor> gxs, gys, gxa, gya;
+  for (size_t l = 0; l < xs.size(); ++l) {
+    if (x_needs_grad) gxs.push_back(at::empty_like(xs[l]));
+    if (y_needs_grad) gys.push_back(at::empty_like(ys[l]));
+    if (x_needs_grad && !x_affines.empty()) gxa.push_back(at::empty_like(x_affines[l]));
+    if (y_needs_grad && !y_affines.empty()) gya.push_back(at::empty_like(y_affines[l]));
+  }
+  const TileShape tile = tile_shape(xs[0], int(window_size), true);
+  const at::Tensor grad_losses_c = grad_losses.contiguous();
+  for (size_t begin = 0; begin < xs.size(); begin += kMaxLevelsPerLaunch) {
+    const size_t end = std::min(xs.size(), begin + kMaxLevelsPerLaunch);
+    FusedArgs args = make_args(xs, ys, x_affines, y_affines, o, begin, end, tile);
+    for (size_t l = begin; l < end; ++l) {
+      LevelDesc& lv = args.levels[l - begin];
+      lv.grad_loss = static_cast<const char*>(grad_losses_c.data_ptr()) + l * grad_losses_c.element_size();
+      lv.loss_scale = level_scales[l];
+      lv.grad_map = grad_maps.empty() ? nullptr : grad_maps[l].data_ptr();
+      lv.gx = x_needs_grad ? gxs[l].data_ptr() : nullptr;
+      lv.gy = y_needs_grad ? gys[l].data_ptr() : nullptr;
+      if (x_needs_grad) copy_strides(gxs[l], lv.gx_stride);
+      if (y_needs_grad) copy_strides(gys[l], lv.gy_stride);
+      lv.g_x_affine = ptr_or_null(gxa, l);
+      lv.g_y_affine = ptr_or_null(gya, l);
+    }
+    at::Tensor partials = at::empty({args.total_tiles, 4}, acc_opts);
+    args.tile_partials = partials.data_ptr();
+    launch(args, xs[0], true);
+  }
+  return {gxs, gys, gxa, gya};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ssimkd, m) {
+  m.def(
+      "fused_ssim_fwd(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, float[] level_scales, "
+      "int window_size, float sigma, float c1, float c2, int padding, float alpha, float beta, float gamma, "
+      "bool clamp, bool write_map) -> (Tensor, Tensor[])");
+  m.def(
+      "fused_ssim_bwd(Tensor grad_losses, Tensor[] grad_maps, Tensor[] xs, Tensor[] ys, Tensor[] x_affines, "
+      "Tensor[] y_affines, float[] level_scales, int window_size, float sigma, float c1, float c2, int padding, float alpha, "
+      "float beta, float gamma, bool clamp, bool x_needs_grad, bool y_needs_grad) "
+      "-> (Tensor[], Tensor[], Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {
+  m.impl("fused_ssim_fwd", &fused_ssim_fwd);
+  m.impl("fused_ssim_bwd", &fused_ssim_bwd);
+}
+
+#ifdef SSIMKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(ssimkd, CUDA, m) {
+  m.impl("fused_ssim_fwd", &fused_ssim_fwd);
+  m.impl("fused_ssim_bwd", &fused_ssim_bwd);
+}
+#endif
+
+}  // namespace ssimkd
+
+// `import ssimkd_kernels._C` loads this library, whose static initialisers register the ops above.
+// Its one attribute, CUDA_COMPILED, says whether CUDA kernels were built in (`ssimkd info` reports it).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef SSIMKD_WITH_CUDA
+  const long cuda_compiled = 1;
+#else
+  const long cuda_compiled = 0;
+#endif
+  if (module != nullptr) PyModule_AddIntConstant(module, "CUDA_COMPILED", cuda_compiled);
+  return module;
+}

@@ -1,0 +1,115 @@
+// ssim_params.h: the plain structs that carry one fused launch from ops.cpp (the only file that sees
+// at::Tensor) to the kernels, and the launchers' declarations. Kernels never see a tensor.
+#pragma once
+
+#include <cstdint>
+
+#include "ssim_math.h"
+
+namespace ssimkd {
+
+// Levels in one launch; ops.cpp runs more levels in several launches (MAX_LEVELS_PER_LAUNCH in
+// _constants.py). Bounded so that FusedArgs (~280 B a level) fits in CUDA's 4 KiB of kernel parameters.
+constexpr int kMaxLevelsPerLaunch = 12;
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// One FPN level: a batch of N * C planes of H x W. Pointers are raw; strides are in elements, so
+// channels_last and sliced inputs are read in place. "acc" = the accumulation type (float, or double
+// for float64 inputs); outputs are written as the declared dtype.
+struct LevelDesc {
+  const void* x;            // [N, C, H, W] student, input dtype
+  const void* y;            // [N, C, H, W] teacher, input dtype
+  int64_t x_stride[4];      // element strides of x (n, c, h, w)
+  int64_t y_stride[4];      // element strides of y
+  const void* x_affine;     // [N, C, 2] contiguous (scale, shift) of x-hat = scale * x + shift, acc; null = identity
+  const void* y_affine;     // [N, C, 2] likewise for y
+  double loss_scale;        // level_losses[l] = loss_scale * (sum of m over the level), e.g. 1 / (N C Ho Wo)
+  const void* grad_loss;    // backward: [1] dL / d level_losses[l], acc
+  const void* grad_map;     // backward: [N, C, Ho, Wo] contiguous dL / dS, acc; null = none
+  void* map;                // forward: [N, C, Ho, Wo] contiguous SSIM map, acc; null = not written
+  void* gx;                 // backward: [N, C, H, W] dL/dx, input dtype; null = not needed
+  void* gy;                 // backward: [N, C, H, W] dL/dy, input dtype; null = not needed
+  int64_t gx_stride[4];     // element strides of gx
+  int64_t gy_stride[4];     // element strides of gy
+  void* g_x_affine;         // backward: [N, C, 2] dL / d(scale, shift) of x, acc; null = not needed
+  void* g_y_affine;         // backward: [N, C, 2] likewise for y
+  int64_t N, C, H, W;       // sizes
+  int64_t tiles_h, tiles_w; // tile grid over one plane
+  int64_t tile_begin;       // global index of this level's first tile; a level's tiles are consecutive,
+                            // plane-major: tile_begin + plane * tiles_h * tiles_w + th * tiles_w + tw
+};
+
+// Everything one launch (all its levels, one direction) needs.
+struct FusedArgs {
+  LevelDesc levels[kMaxLevelsPerLaunch];
+  int num_levels;
+  int64_t total_tiles;     // sum over levels of N * C * tiles_h * tiles_w
+  DType dtype;             // input dtype of every x and y
+  int window;              // odd, kMinWindow..kMaxWindow
+  int radius;              // window / 2
+  int padding;             // Padding
+  int tile_h, tile_w;      // output tile of one program / block (chosen by the backend)
+  double taps[kMaxWindow]; // Gaussian taps g[0..window-1], gaussian_taps()
+  double c1, c2;           // SsimParams::c1, c2
+  double alpha, beta, gamma;
+  bool clamp;
+  void* tile_partials;     // scratch, acc: forward [total_tiles] sums of m; backward [total_tiles, 4]
+                           // sums of (gx_hat * x, gx_hat, gy_hat * y, gy_hat) per tile
+  void* level_losses;      // forward output: [num_levels] loss_scale * sum of m per level, acc
+};
+
+template <typename T>
+inline SsimParams<T> make_ssim_params(const FusedArgs& a) {
+  SsimParams<T> p;
+  p.c1 = T(a.c1);
+  p.c2 = T(a.c2);
+  p.alpha = T(a.alpha);
+  p.beta = T(a.beta);
+  p.gamma = T(a.gamma);
+  p.default_exponents = a.alpha == 1.0 && a.beta == 1.0 && a.gamma == 1.0;
+  p.clamp = a.clamp;
+  p.eps_sigma = T(kEpsSigma);
+  return p;
+}
+
+struct TileShape {
+  int h, w;
+};
+
+// Where global tile `tile` lies: its level, plane (n, c) and tile row / column. Levels hold few
+// entries, so a linear scan beats a search.
+struct TileCoord {
+  int level;
+  int64_t plane, n, c, th, tw;
+};
+
+SSIMKD_HD TileCoord locate_tile(const FusedArgs& args, int64_t tile) {
+  int level = 0;
+  while (level + 1 < args.num_levels && tile >= args.levels[level + 1].tile_begin) ++level;
+  const LevelDesc& lv = args.levels[level];
+  const int64_t per_plane = lv.tiles_h * lv.tiles_w;
+  const int64_t local = tile - lv.tile_begin;
+  const int64_t plane = local / per_plane;
+  const int64_t t = local - plane * per_plane;
+  return {level, plane, plane / lv.C, plane % lv.C, t / lv.tiles_w, t % lv.tiles_w};
+}
+
+// Size of the output map along an axis of n: n, or n - 2r for valid padding.
+SSIMKD_HD int64_t output_extent(int64_t n, int radius, int padding) {
+  return padding == kValid ? n - 2 * radius : n;
+}
+
+// Tile shape of each backend, so ops.cpp can size the scratch before it launches.
+TileShape cpu_tile_shape(int window, bool backward);
+void ssim_fwd_cpu(const FusedArgs& args);
+void ssim_bwd_cpu(const FusedArgs& args);
+
+#ifdef SSIMKD_WITH_CUDA
+TileShape cuda_tile_shape(int window, bool backward);
+// stream: the cudaStream_t to launch on, passed as void* so this header needs no CUDA include.
+void ssim_fwd_cuda(const FusedArgs& args, void* stream);
+void ssim_bwd_cuda(const FusedArgs& args, void* stream);
+#endif
+
+}  // namespace ssimkd

@@ -1,0 +1,32 @@
+"""Named constants of SSIM-KD, each with the reason it has its value (SPEC section 2).
+
+Every backend takes these from here (Python) or from csrc/ssim_math.h (C++/CUDA), never retyped.
+"""
+
+# Gaussian window of the paper (and of Wang et al. 2004): 11 taps, sigma 1.5.
+DEFAULT_WINDOW = 11
+DEFAULT_SIGMA = 1.5
+# The paper ablates the patch size; kernels specialise on the size, so it is bounded.
+MIN_WINDOW = 3
+MAX_WINDOW = 15
+
+# Stabilisers of Wang et al.: C1 = (k1 R)^2, C2 = (k2 R)^2, C3 = C2 / 2.
+DEFAULT_K1 = 0.01
+DEFAULT_K2 = 0.03
+DEFAULT_DATA_RANGE = 1.0
+
+# Added to (max - min) in the min-max normalisation psi, so a constant plane maps to 0, not NaN.
+NORM_EPS = 1e-6
+# Added under the square root of the variance in the general-exponent path: keeps d sigma / d sigma^2
+# finite (<= 1 / (2 sqrt(EPS_SIGMA)) = 5e3) on flat planes. Must equal kEpsSigma in csrc/ssim_math.h.
+EPS_SIGMA = 1e-8
+
+# Padding codes, mirrored by the Padding enum of csrc/ssim_math.h and the PADDING constexpr of the
+# Triton kernels.
+PADDING_CODES = {"reflect": 0, "zero": 1, "valid": 2}
+NORMALIZE_MODES = ("sample", "level", "plane", "none")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# Levels handled by one launch of a fused kernel; more levels run in several launches of this many.
+# Bounded so the C++ level table (~280 B a level) fits in CUDA kernel parameter space (4 KiB).
+MAX_LEVELS_PER_LAUNCH = 12

@@ -1,0 +1,335 @@
+"""The fused SSIM-KD ops: registration, fake kernels, autograd, and the choice of backend.
+
+Two pairs of torch.library custom ops share one schema:
+
+    ssimkd::fused_ssim_fwd(xs, ys, x_affines, y_affines, level_scales, <options>, write_map)
+        -> (level_losses, maps)
+    ssimkd::fused_ssim_bwd(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, <options>,
+                           x_needs_grad, y_needs_grad) -> (gxs, gys, g_x_affines, g_y_affines)
+
+defined in C++ (csrc/ops.cpp: CPU, and CUDA when compiled) and, with the suffix ``_triton``, here
+(kernels in triton_kernels.py). ``level_losses[l]`` is ``level_scales[l]`` times the sum over level l
+of the per-pixel loss m = (1 - S) / 2 (clamped when asked): with 1 / (N C H' W') it is the level's
+mean, so no host-side tensor of weights is ever copied to the device. ``maps`` are the SSIM maps,
+written only when ``write_map``.
+``x_affines[l]`` is an (N, C, 2) tensor of (scale, shift): x-hat = scale * x + shift per plane
+(empty list: identity). The backward takes dL/d level_losses and dL/d maps and recomputes everything
+from the inputs: nothing but the inputs is saved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._constants import BACKENDS, PADDING_CODES
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the C++ ops)
+
+    CUDA_COMPILED = bool(_C.CUDA_COMPILED)
+    EXTENSION_ERROR: Exception | None = None
+except ImportError as error:  # a source checkout without a build: the reference still works
+    _C = None
+    CUDA_COMPILED = False
+    EXTENSION_ERROR = error
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Scalar options of one fused call, in the order of the op schema."""
+
+    window_size: int
+    sigma: float
+    c1: float
+    c2: float
+    padding: int  # PADDING_CODES
+    alpha: float
+    beta: float
+    gamma: float
+    clamp: bool
+
+    def as_args(self) -> tuple:
+        return (
+            self.window_size,
+            self.sigma,
+            self.c1,
+            self.c2,
+            self.padding,
+            self.alpha,
+            self.beta,
+            self.gamma,
+            self.clamp,
+        )
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _output_extent(n, window_size: int, padding: int):
+    return n - 2 * (window_size // 2) if padding == PADDING_CODES["valid"] else n
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton ops (the C++ ops are defined by csrc/ops.cpp)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ssimkd::fused_ssim_fwd_triton", mutates_args=())
+def _fused_ssim_fwd_triton(
+    xs: list[Tensor],
+    ys: list[Tensor],
+    x_affines: list[Tensor],
+    y_affines: list[Tensor],
+    level_scales: list[float],
+    window_size: int,
+    sigma: float,
+    c1: float,
+    c2: float,
+    padding: int,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    clamp: bool,
+    write_map: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    from .triton_kernels import ssim_fwd_triton
+
+    options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp)
+    return ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_map)
+
+
+@torch.library.custom_op("ssimkd::fused_ssim_bwd_triton", mutates_args=())
+def _fused_ssim_bwd_triton(
+    grad_losses: Tensor,
+    grad_maps: list[Tensor],
+    xs: list[Tensor],
+    ys: list[Tensor],
+    x_affines: list[Tensor],
+    y_affines: list[Tensor],
+    level_scales: list[float],
+    window_size: int,
+    sigma: float,
+    c1: float,
+    c2: float,
+    padding: int,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    clamp: bool,
+    x_needs_grad: bool,
+    y_needs_grad: bool,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    from .triton_kernels import ssim_bwd_triton
+
+    options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp)
+    return ssim_bwd_triton(
+        grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, options, x_needs_grad, y_needs_grad
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels: exactly what the kernels return
+# ------------------------------------------------------------------------------------------------
+
+
+def _fwd_fake(xs, ys, x_affines, y_affines, level_scales, window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp, write_map):
+    torch._check(len(xs) > 0 and len(xs) == len(ys), lambda: "ssimkd: one teacher level per student level")
+    acc = _accumulation_dtype(xs[0].dtype)
+    losses = xs[0].new_empty((len(xs),), dtype=acc)
+    maps = []
+    if write_map:
+        for x in xs:
+            h = _output_extent(x.shape[2], window_size, padding)
+            w = _output_extent(x.shape[3], window_size, padding)
+            maps.append(x.new_empty((x.shape[0], x.shape[1], h, w), dtype=acc))
+    return losses, maps
+
+
+def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, window_size, sigma, c1, c2, padding, alpha, beta,
+              gamma, clamp, x_needs_grad, y_needs_grad):
+    gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
+    gys = [torch.empty_like(y) for y in ys] if y_needs_grad else []
+    gxa = [torch.empty_like(a) for a in x_affines] if x_needs_grad else []
+    gya = [torch.empty_like(a) for a in y_affines] if y_needs_grad else []
+    return gxs, gys, gxa, gya
+
+
+_OP_PAIRS = {"triton": ("ssimkd::fused_ssim_fwd_triton", "ssimkd::fused_ssim_bwd_triton")}
+if _C is not None:
+    _OP_PAIRS["cpu"] = _OP_PAIRS["cuda"] = ("ssimkd::fused_ssim_fwd", "ssimkd::fused_ssim_bwd")
+
+
+def _op(qualified_name: str):
+    namespace, name = qualified_name.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd: save the inputs only, recompute in the backward op
+# ------------------------------------------------------------------------------------------------
+
+
+def _make_autograd(bwd_name: str):
+    def setup_context(ctx, inputs, output):
+        xs, ys, x_affines, y_affines, level_scales = inputs[:5]
+        ctx.level_scales = level_scales
+        ctx.options = inputs[5:14]
+        ctx.write_map = inputs[14]
+        ctx.counts = (len(xs), len(x_affines), len(y_affines))
+        ctx.save_for_backward(*xs, *ys, *x_affines, *y_affines)
+
+    def backward(ctx, grad_losses, grad_maps):
+        levels, n_xa, n_ya = ctx.counts
+        saved = ctx.saved_tensors
+        xs, ys = list(saved[:levels]), list(saved[levels : 2 * levels])
+        x_affines = list(saved[2 * levels : 2 * levels + n_xa])
+        y_affines = list(saved[2 * levels + n_xa :])
+        needs = ctx.needs_input_grad
+        x_needs = any(needs[0]) or any(needs[2])
+        y_needs = any(needs[1]) or any(needs[3])
+        none = (None,) * 11  # level_scales, the scalar options and write_map
+        if not (x_needs or y_needs):
+            return ([None] * levels, [None] * levels, [None] * n_xa, [None] * n_ya) + none
+
+        acc = _accumulation_dtype(xs[0].dtype)
+        if grad_losses is None:
+            grad_losses = xs[0].new_zeros((levels,), dtype=acc)
+        grad_maps = list(grad_maps) if ctx.write_map else []
+        if all(g is None for g in grad_maps):
+            grad_maps = []
+        else:
+            grad_maps = [
+                torch.zeros(_map_shape(x, ctx.options), dtype=acc, device=x.device)
+                if g is None
+                else g.to(acc).contiguous()
+                for g, x in zip(grad_maps, xs)
+            ]
+        gxs, gys, gxa, gya = _op(bwd_name)(
+            grad_losses.to(acc).contiguous(),
+            grad_maps,
+            xs,
+            ys,
+            x_affines,
+            y_affines,
+            ctx.level_scales,
+            *ctx.options,
+            x_needs,
+            y_needs,
+        )
+
+        def per_input(grads, count, needed):
+            return list(grads) if needed else [None] * count
+
+        return (
+            per_input(gxs, levels, x_needs),
+            per_input(gys, levels, y_needs),
+            per_input(gxa, n_xa, x_needs),
+            per_input(gya, n_ya, y_needs),
+        ) + none
+
+    return setup_context, backward
+
+
+def _map_shape(x: Tensor, options: tuple) -> tuple[int, int, int, int]:
+    """Shape of the SSIM map of level x under the schema's scalar options."""
+    window_size, padding = options[0], options[4]
+    return (x.shape[0], x.shape[1], _output_extent(x.shape[2], window_size, padding),
+            _output_extent(x.shape[3], window_size, padding))
+
+
+for _fwd_name, _bwd_name in set(_OP_PAIRS.values()):
+    torch.library.register_fake(_fwd_name)(_fwd_fake)
+    torch.library.register_fake(_bwd_name)(_bwd_fake)
+    _setup, _backward = _make_autograd(_bwd_name)
+    torch.library.register_autograd(_fwd_name, _backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend choice
+# ------------------------------------------------------------------------------------------------
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here, of "reference", "cpu", "triton", "cuda".
+
+    "cpu" needs the compiled extension; "cuda" an extension built with CUDA kernels and a GPU;
+    "triton" the triton package and a GPU (or TRITON_INTERPRET=1, which runs it on CPU tensors).
+    """
+    found = ["reference"]
+    if _C is not None:
+        found.append("cpu")
+    if _triton_importable() and (torch.cuda.is_available() or _triton_interpreted()):
+        found.append("triton")
+    if CUDA_COMPILED and torch.cuda.is_available():
+        found.append("cuda")
+    return found
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on `device`; raises when `backend` cannot run there.
+
+    "auto": the SSIMKD_BACKEND environment variable when set, else cuda -> triton on GPU tensors and
+    cpu -> reference on CPU tensors, by what is available.
+    """
+    if backend == "auto":
+        forced = os.environ.get("SSIMKD_BACKEND", "")
+        if forced and forced != "auto":
+            backend = forced
+        else:
+            available = available_backends()
+            order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+            return next((b for b in order if b in available), "reference")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend not in available_backends():
+        reason = {
+            "cpu": f"the C++ extension did not load ({EXTENSION_ERROR})",
+            "cuda": "it needs an extension built with CUDA kernels and a CUDA device",
+            "triton": "it needs triton and a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)",
+        }[backend]
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not _triton_interpreted():
+        raise ValueError(f"backend 'triton' runs on CUDA tensors (or with TRITON_INTERPRET=1), got tensors on {device}")
+    return backend
+
+
+def fused_ssim(
+    backend: str,
+    xs: list[Tensor],
+    ys: list[Tensor],
+    x_affines: list[Tensor],
+    y_affines: list[Tensor],
+    level_scales: list[float],
+    options: KernelOptions,
+    write_map: bool = False,
+) -> tuple[Tensor, list[Tensor]]:
+    """Run the fused forward of `backend` ("cpu", "cuda" or "triton"), differentiable.
+
+    Returns (level_losses, maps): level_scales[l] times the sum of m over level l, and the SSIM
+    maps when write_map.
+    """
+    fwd_name, _ = _OP_PAIRS[backend]
+    return _op(fwd_name)(xs, ys, x_affines, y_affines, level_scales, *options.as_args(), write_map)
