@@ -73,9 +73,9 @@ void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines
     for (size_t l = 0; l < xs.size(); ++l) {
       const auto& af = (*affines)[l];
       TORCH_CHECK(af.dim() == 3 && af.size(0) == xs[l].size(0) && af.size(1) == xs[l].size(1) && af.size(2) == 2 &&
-                      af.is_contiguous() && af.scalar_type() == acc && af.device() == xs[l].device(),
-                  "ssimkd: level ", l, ": affine must be a contiguous (N, C, 2) ", acc, " tensor, got ", af.sizes(),
-                  " ", af.scalar_type());
+                      af.scalar_type() == acc && af.device() == xs[l].device(),
+                  "ssimkd: level ", l, ": affine must be an (N, C, 2) ", acc, " tensor, got ", af.sizes(), " ",
+                  af.scalar_type());
     }
   }
 }
@@ -112,8 +112,14 @@ FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affin
     lv.y = ys[l].data_ptr();
     copy_strides(x, lv.x_stride);
     copy_strides(ys[l], lv.y_stride);
-    lv.x_affine = x_affines.empty() ? nullptr : x_affines[l].data_ptr();
-    lv.y_affine = y_affines.empty() ? nullptr : y_affines[l].data_ptr();
+    if (!x_affines.empty()) {
+      lv.x_affine = x_affines[l].data_ptr();
+      for (int d = 0; d < 3; ++d) lv.x_affine_stride[d] = x_affines[l].stride(d);
+    }
+    if (!y_affines.empty()) {
+      lv.y_affine = y_affines[l].data_ptr();
+      for (int d = 0; d < 3; ++d) lv.y_affine_stride[d] = y_affines[l].stride(d);
+    }
     lv.N = x.size(0);
     lv.C = x.size(1);
     lv.H = x.size(2);
@@ -205,8 +211,8 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
   for (size_t l = 0; l < xs.size(); ++l) {
     if (x_needs_grad) gxs.push_back(at::empty_like(xs[l]));
     if (y_needs_grad) gys.push_back(at::empty_like(ys[l]));
-    if (x_needs_grad && !x_affines.empty()) gxa.push_back(at::empty_like(x_affines[l]));
-    if (y_needs_grad && !y_affines.empty()) gya.push_back(at::empty_like(y_affines[l]));
+    if (x_needs_grad && !x_affines.empty()) gxa.push_back(at::empty(x_affines[l].sizes(), acc_opts));
+    if (y_needs_grad && !y_affines.empty()) gya.push_back(at::empty(y_affines[l].sizes(), acc_opts));
   }
   const TileShape tile = tile_shape(xs[0], int(window_size), true);
   const at::Tensor grad_losses_c = grad_losses.contiguous();

@@ -1,6 +1,6 @@
 // ssim_math.h: the one home of SSIM-KD's per-pixel math (SPEC section 2), shared unchanged by the
 // CPU op (ssim_cpu.cpp) and the CUDA kernels (ssim_cuda.cu). No torch includes: the host-side C++
-// test (tests/test_ssim_math.cpp, built by CMake) checks every partial against finite differences.
+// test (csrc/tests/test_ssim_math.cpp, built by CMake) checks every partial against finite differences.
 //
 // Notation follows the SPEC: mu_x = W x, var_x = W(x^2) - mu_x^2, cov_xy = W(xy) - mu_x mu_y,
 //   A1 = 2 mu_x mu_y + C1, B1 = mu_x^2 + mu_y^2 + C1, A2 = 2 cov_xy + C2, B2 = var_x + var_y + C2,
@@ -46,6 +46,7 @@ struct SsimParams {
 // smaller than the window work: fold(i, n) = 0 if n = 1, else with p = 2(n - 1): i = |i| mod p, then
 // i if i < n else p - i.
 SSIMKD_HD int64_t fold_reflect(int64_t i, int64_t n) {
+  if (i >= 0 && i < n) return i;  // the common case, without a division
   if (n == 1) return 0;
   const int64_t period = 2 * (n - 1);
   i = (i < 0 ? -i : i) % period;
@@ -73,6 +74,10 @@ SSIMKD_HD bool is_output(int64_t p, int64_t n, int radius, int padding) {
 template <typename T>
 SSIMKD_HD T transposed_tap(int64_t q, int64_t p, int64_t n, int radius, int padding, const T* taps) {
   if (!is_output(p, n, radius, padding)) return T(0);
+  const int64_t offset = q - p;
+  if (p - radius >= 0 && p + radius < n) {  // window inside the plane: no fold
+    return (offset >= -radius && offset <= radius) ? taps[offset + radius] : T(0);
+  }
   T weight = T(0);
   for (int k = -radius; k <= radius; ++k) {
     if (source_index(p + k, n, padding) == q) weight += taps[k + radius];
@@ -104,9 +109,13 @@ struct Moments {
   T mu_x, mu_y, var_x, var_y, cov_xy;
 };
 
+// Statistics from the blurs of x' = x - cx and y' = y - cy, where cx, cy are constants (a tile's
+// centring shift; SPEC section 2 holds for any shift, as variance and covariance do not change).
+// Centring keeps var = W(x'^2) - (W x')^2 from cancelling catastrophically in float32 when the local
+// mean is large next to the local spread, and shrinks the terms of the gradient the same way.
 template <typename T>
-SSIMKD_HD Moments<T> moments_from_blurred(T blur_x, T blur_y, T blur_xx, T blur_yy, T blur_xy) {
-  return {blur_x, blur_y, blur_xx - blur_x * blur_x, blur_yy - blur_y * blur_y,
+SSIMKD_HD Moments<T> moments_from_blurred(T blur_x, T blur_y, T blur_xx, T blur_yy, T blur_xy, T cx, T cy) {
+  return {blur_x + cx, blur_y + cy, blur_xx - blur_x * blur_x, blur_yy - blur_y * blur_y,
           blur_xy - blur_x * blur_y};
 }
 
@@ -132,26 +141,43 @@ SSIMKD_HD void power_and_derivative(T v, T e, T* value, T* derivative) {
   }
 }
 
+// Default exponents: S = A1 A2 / (B1 B2). Partials written without dividing by A1 or A2, which can be
+// exactly 0 for signed, un-normalised features.
 template <typename T>
-SSIMKD_HD SsimPartials<T> ssim_partials(const Moments<T>& m, const SsimParams<T>& p) {
+SSIMKD_HD T ssim_default(const Moments<T>& m, const SsimParams<T>& p) {
+  const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
+  const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
+  const T A2 = T(2) * m.cov_xy + p.c2;
+  const T B2 = m.var_x + m.var_y + p.c2;
+  return (A1 * A2) / (B1 * B2);
+}
+
+template <typename T>
+SSIMKD_HD SsimPartials<T> ssim_partials_default(const Moments<T>& m, const SsimParams<T>& p) {
+  SsimPartials<T> out;
+  const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
+  const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
+  const T A2 = T(2) * m.cov_xy + p.c2;
+  const T B2 = m.var_x + m.var_y + p.c2;
+  const T inv_B1B2 = T(1) / (B1 * B2);
+  out.S = A1 * A2 * inv_B1B2;
+  out.dS_dmu_x = T(2) * m.mu_y * A2 * inv_B1B2 - T(2) * m.mu_x * out.S / B1;
+  out.dS_dmu_y = T(2) * m.mu_x * A2 * inv_B1B2 - T(2) * m.mu_y * out.S / B1;
+  out.dS_dvar_x = -out.S / B2;
+  out.dS_dvar_y = out.dS_dvar_x;
+  out.dS_dcov = T(2) * A1 * inv_B1B2;
+  return out;
+}
+
+// General exponents: l = A1 / B1, c = (2 sx sy + C2) / B2, s = (cov + C3) / (sx sy + C3), with
+// sigma = sqrt(max(var, 0) + eps); d max(var, 0) / d var = [var >= 0], as torch.clamp. With raw
+// variances in c's denominator, c s = A2 / B2 exactly, so (1, 1, 1) agrees with the default form.
+template <typename T>
+SSIMKD_HD SsimPartials<T> ssim_partials_general(const Moments<T>& m, const SsimParams<T>& p) {
   SsimPartials<T> out;
   const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
   const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
   const T B2 = m.var_x + m.var_y + p.c2;
-  if (p.default_exponents) {
-    // S = A1 A2 / (B1 B2). Partials written without dividing by A1 or A2, which can be exactly 0.
-    const T A2 = T(2) * m.cov_xy + p.c2;
-    const T inv_B1B2 = T(1) / (B1 * B2);
-    out.S = A1 * A2 * inv_B1B2;
-    out.dS_dmu_x = T(2) * m.mu_y * A2 * inv_B1B2 - T(2) * m.mu_x * out.S / B1;
-    out.dS_dmu_y = T(2) * m.mu_x * A2 * inv_B1B2 - T(2) * m.mu_y * out.S / B1;
-    out.dS_dvar_x = -out.S / B2;
-    out.dS_dvar_y = out.dS_dvar_x;
-    out.dS_dcov = T(2) * A1 * inv_B1B2;
-    return out;
-  }
-  // General exponents: l = A1 / B1, c = (2 sx sy + C2) / B2, s = (cov + C3) / (sx sy + C3),
-  // sigma = sqrt(max(var, 0) + eps); d max(var, 0) / d var = [var >= 0], as torch.clamp.
   const T c3 = p.c2 / T(2);
   const T sigma_x = std::sqrt((m.var_x > T(0) ? m.var_x : T(0)) + p.eps_sigma);
   const T sigma_y = std::sqrt((m.var_y > T(0) ? m.var_y : T(0)) + p.eps_sigma);
@@ -184,15 +210,13 @@ SSIMKD_HD SsimPartials<T> ssim_partials(const Moments<T>& m, const SsimParams<T>
 }
 
 template <typename T>
+SSIMKD_HD SsimPartials<T> ssim_partials(const Moments<T>& m, const SsimParams<T>& p) {
+  return p.default_exponents ? ssim_partials_default(m, p) : ssim_partials_general(m, p);
+}
+
+template <typename T>
 SSIMKD_HD T ssim_value(const Moments<T>& m, const SsimParams<T>& p) {
-  if (p.default_exponents) {
-    const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
-    const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
-    const T A2 = T(2) * m.cov_xy + p.c2;
-    const T B2 = m.var_x + m.var_y + p.c2;
-    return (A1 * A2) / (B1 * B2);
-  }
-  return ssim_partials(m, p).S;
+  return p.default_exponents ? ssim_default(m, p) : ssim_partials_general(m, p).S;
 }
 
 // Per-pixel loss m = (1 - S) / 2, clamped to [0, 1] when asked. NaN stays NaN (comparisons are
@@ -215,21 +239,22 @@ SSIMKD_HD T pixel_loss_grad(T S, bool clamp) {
 }
 
 // The maps the backward blurs back with W^T (SPEC section 2), for d = dL/dS at this centre:
-//   a_x = d (dS/dmu_x - 2 mu_x dS/dvar_x - mu_y dS/dcov), b_x = d dS/dvar_x, c = d dS/dcov,
-//   and a_y, b_y with x and y swapped. Then dL/dx = W^T a_x + 2 x W^T b_x + y W^T c.
+//   a_x = d (dS/dmu_x - 2 mu'_x dS/dvar_x - mu'_y dS/dcov), b_x = d dS/dvar_x, c = d dS/dcov,
+//   and a_y, b_y with x and y swapped. Then dL/dx' = W^T a_x + 2 x' W^T b_x + y' W^T c, where
+//   x' = x - cx is the centred input and mu'_x = W x' its blur (mu'_x = mu_x without centring).
 template <typename T>
 struct BackwardCoeffs {
   T a_x, b_x, a_y, b_y, c;
 };
 
 template <typename T>
-SSIMKD_HD BackwardCoeffs<T> backward_coeffs(const Moments<T>& m, const SsimPartials<T>& g, T d) {
+SSIMKD_HD BackwardCoeffs<T> backward_coeffs(const SsimPartials<T>& g, T d, T centred_mu_x, T centred_mu_y) {
   BackwardCoeffs<T> out;
   out.c = d * g.dS_dcov;
   out.b_x = d * g.dS_dvar_x;
   out.b_y = d * g.dS_dvar_y;
-  out.a_x = d * g.dS_dmu_x - T(2) * m.mu_x * out.b_x - m.mu_y * out.c;
-  out.a_y = d * g.dS_dmu_y - T(2) * m.mu_y * out.b_y - m.mu_x * out.c;
+  out.a_x = d * g.dS_dmu_x - T(2) * centred_mu_x * out.b_x - centred_mu_y * out.c;
+  out.a_y = d * g.dS_dmu_y - T(2) * centred_mu_y * out.b_y - centred_mu_x * out.c;
   return out;
 }
 

@@ -22,8 +22,10 @@ struct LevelDesc {
   const void* y;            // [N, C, H, W] teacher, input dtype
   int64_t x_stride[4];      // element strides of x (n, c, h, w)
   int64_t y_stride[4];      // element strides of y
-  const void* x_affine;     // [N, C, 2] contiguous (scale, shift) of x-hat = scale * x + shift, acc; null = identity
+  const void* x_affine;     // [N, C, 2] (scale, shift) of x-hat = scale * x + shift, acc; null = identity
   const void* y_affine;     // [N, C, 2] likewise for y
+  int64_t x_affine_stride[3];  // element strides of x_affine (n, c, k): broadcast views need no copy
+  int64_t y_affine_stride[3];
   double loss_scale;        // level_losses[l] = loss_scale * (sum of m over the level), e.g. 1 / (N C Ho Wo)
   const void* grad_loss;    // backward: [1] dL / d level_losses[l], acc
   const void* grad_map;     // backward: [N, C, Ho, Wo] contiguous dL / dS, acc; null = none
@@ -71,6 +73,19 @@ inline SsimParams<T> make_ssim_params(const FusedArgs& a) {
   p.clamp = a.clamp;
   p.eps_sigma = T(kEpsSigma);
   return p;
+}
+
+// (scale, shift) of plane (n, c) of a [N, C, 2] affine with element strides `stride`; identity for null.
+template <typename T>
+SSIMKD_HD void plane_affine(const void* affine, const int64_t* stride, int64_t n, int64_t c, T* scale, T* shift) {
+  if (affine == nullptr) {
+    *scale = T(1);
+    *shift = T(0);
+    return;
+  }
+  const T* a = static_cast<const T*>(affine) + n * stride[0] + c * stride[1];
+  *scale = a[0];
+  *shift = a[stride[2]];
 }
 
 struct TileShape {

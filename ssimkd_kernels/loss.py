@@ -135,16 +135,25 @@ def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
     return dtype
 
 
-def _plane_affine(feat: Tensor, mode: str) -> Tensor:
-    """(N, C, 2) per-plane (scale, shift) of the min-max normalisation, in the accumulation dtype."""
-    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
+def _plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
+    """Per-plane (scale, shift) of the min-max normalisation of each feature map, as (N, C, 2) views.
+
+    One min and one max per map; the formula runs once over all maps together (few small ops, which
+    is what eager mode pays for), and each result is a broadcast view, which the fused ops read in
+    place.
+    """
+    acc = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
     dims = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}[mode]
-    low = feat.amin(dim=dims, keepdim=True).to(acc)
-    high = feat.amax(dim=dims, keepdim=True).to(acc)
+    low = torch.cat([f.amin(dim=dims).reshape(-1) for f in feats]).to(acc)
+    high = torch.cat([f.amax(dim=dims).reshape(-1) for f in feats]).to(acc)
     scale = 1.0 / (high - low + NORM_EPS)
-    shift = -low * scale
-    n, c = feat.shape[:2]
-    return torch.stack([scale.expand(n, c, 1, 1), shift.expand(n, c, 1, 1)], dim=-1).view(n, c, 2)
+    packed = torch.stack([scale, -low * scale], dim=-1)
+    keep = {"sample": lambda n, c: (n, 1), "level": lambda n, c: (1, 1), "plane": lambda n, c: (n, c)}[mode]
+    sizes = [math.prod(keep(*f.shape[:2])) for f in feats]
+    return [
+        part.view(*keep(*f.shape[:2]), 2).expand(f.shape[0], f.shape[1], 2)
+        for part, f in zip(packed.split(sizes), feats)
+    ]
 
 
 def _output_count(shape: torch.Size, window_size: int, padding: str) -> int:
@@ -303,8 +312,10 @@ def ssim_kd_loss(
     dtype = _common_dtype(students + teachers)
     students = [s.to(dtype) for s in students]
     teachers = [t.to(dtype) for t in teachers]
-    x_affines = [] if normalize == "none" else [_plane_affine(s, normalize) for s in students]
-    y_affines = [] if normalize == "none" else [_plane_affine(t, normalize) for t in teachers]
+    x_affines = y_affines = []
+    if normalize != "none":
+        affines = _plane_affines(students + teachers, normalize)
+        x_affines, y_affines = affines[: len(students)], affines[len(students) :]
     scales = [w / _output_count(s.shape, window_size, padding) for w, s in zip(weights, students)]
     options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp)
     losses, _ = fused_ssim(chosen, students, teachers, x_affines, y_affines, scales, options)

@@ -12,8 +12,8 @@ defined in C++ (csrc/ops.cpp: CPU, and CUDA when compiled) and, with the suffix 
 of the per-pixel loss m = (1 - S) / 2 (clamped when asked): with 1 / (N C H' W') it is the level's
 mean, so no host-side tensor of weights is ever copied to the device. ``maps`` are the SSIM maps,
 written only when ``write_map``.
-``x_affines[l]`` is an (N, C, 2) tensor of (scale, shift): x-hat = scale * x + shift per plane
-(empty list: identity). The backward takes dL/d level_losses and dL/d maps and recomputes everything
+``x_affines[l]`` is an (N, C, 2) tensor of (scale, shift), any strides (broadcast views welcome):
+x-hat = scale * x + shift per plane (empty list: identity). The backward takes dL/d level_losses and dL/d maps and recomputes everything
 from the inputs: nothing but the inputs is saved.
 """
 
@@ -154,8 +154,8 @@ def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales
               gamma, clamp, x_needs_grad, y_needs_grad):
     gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
     gys = [torch.empty_like(y) for y in ys] if y_needs_grad else []
-    gxa = [torch.empty_like(a) for a in x_affines] if x_needs_grad else []
-    gya = [torch.empty_like(a) for a in y_affines] if y_needs_grad else []
+    gxa = [a.new_empty(a.shape) for a in x_affines] if x_needs_grad else []
+    gya = [a.new_empty(a.shape) for a in y_affines] if y_needs_grad else []
     return gxs, gys, gxa, gya
 
 

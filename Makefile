@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo` (both run `make setup`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# pytest workers; CI machines have 2 cores.
+JOBS ?= 2
+
+.PHONY: setup build test test-fast demo bench info cmake-test clean
+
+setup: $(VENV)/.installed
+
+# The venv, the pinned requirements, then the editable build of the extension (CPU always; CUDA
+# kernels too where nvcc is found: setup.py locates the toolkit).
+$(VENV)/.installed: pyproject.toml setup.py requirements/runtime.txt requirements/dev.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements/dev.txt
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: setup
+
+# The whole suite. Exit code 5 (nothing collected) is a failure here: an empty run proves nothing.
+test: setup
+	@$(PY) -m pytest python_tests -q -n $(JOBS) --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+demo: setup
+	$(VENV)/bin/ssimkd demo
+
+bench: setup
+	$(PY) bench/bench_ssim.py --workload small --device cpu
+
+info: setup
+	$(VENV)/bin/ssimkd info
+
+# The C++ test of csrc/ssim_math.h (finite differences in double), through CMake and ctest.
+cmake-test:
+	cmake -S . -B cmake-build -DSSIMKD_BUILD_TORCH_LIB=OFF >/dev/null
+	cmake --build cmake-build -j 2
+	ctest --test-dir cmake-build --output-on-failure
+
+clean:
+	rm -rf build cmake-build *.egg-info ssimkd_kernels/_C*.so

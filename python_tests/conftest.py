@@ -1,0 +1,76 @@
+"""Shared fixtures: seeding, the backend under test, and the FPN-like level factory."""
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter. The switch must be set
+# before triton.jit decorates the kernels, i.e. before ssimkd_kernels.triton_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ssimkd_kernels as sk  # noqa: E402
+
+FUSED_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def device_of(backend: str) -> torch.device:
+    """Where a backend's inputs live: CUDA for cuda, and for triton when a GPU exists; else CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request) -> str:
+    """Each fused backend that can run here; a missing one is skipped, with the reason."""
+    name = request.param
+    if name not in sk.available_backends():
+        pytest.skip(f"backend {name!r} is not available here")
+    return name
+
+
+# Plane sizes of an FPN-like level list: tiny (smaller than the window), odd, and one large.
+TINY_PLANES = [(1, 1), (2, 9), (3, 4), (5, 7), (7, 11)]
+
+
+def sample_levels(
+    planes,
+    *,
+    batch: int = 2,
+    channels: int = 3,
+    dtype=torch.float32,
+    device="cpu",
+    layout: str = "contiguous",
+    requires_grad: bool = True,
+    signed: bool = True,
+):
+    """Student and teacher level lists for the given (H, W) planes.
+
+    layout: "contiguous", "channels_last", or "sliced" (a strided view into a larger tensor).
+    """
+
+    def one(h, w):
+        if layout == "sliced":
+            base = torch.randn(batch, channels * 2, h + 3, w * 2 + 1, dtype=torch.float64)
+            t = base[:, ::2, 1 : h + 1, 1 : 2 * w + 1 : 2]
+        else:
+            t = torch.randn(batch, channels, h, w, dtype=torch.float64)
+        if not signed:
+            t = t.sigmoid()
+        t = t.to(dtype=dtype, device=device)
+        if layout == "channels_last":
+            t = t.contiguous(memory_format=torch.channels_last)
+        elif layout == "sliced":
+            assert not t.is_contiguous()
+        return t.requires_grad_(requires_grad) if t.is_leaf else t.detach().requires_grad_(requires_grad)
+
+    students = [one(h, w) for h, w in planes]
+    teachers = [one(h, w) for h, w in planes]
+    return students, teachers
