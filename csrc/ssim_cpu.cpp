@@ -97,26 +97,38 @@ SSIMKD_INLINE void source_indices(int64_t start, int count, int64_t n, int paddi
   for (int i = 0; i < count; ++i) out[i] = source_index(start + i, n, padding);
 }
 
-// A tile's per-plane normalisation and its centring shifts: the normalised values of x and y at one
-// pixel of the tile (any in-plane pixel keeps the math exact; a central one keeps the centred values,
-// and so the float32 cancellation in the variances, small).
+// A tile's per-plane normalisation (scale, shift) of x and y, and its centring shifts cx, cy.
 template <typename T>
 struct TileInputs {
   T x_scale, x_shift, y_scale, y_shift, cx, cy;
 };
 
-template <typename scalar_t, typename T>
-SSIMKD_INLINE TileInputs<T> tile_inputs(const LevelDesc& lv, const TileCoord& tc, int64_t h, int64_t w) {
+template <typename T>
+SSIMKD_INLINE TileInputs<T> plane_inputs(const LevelDesc& lv, const TileCoord& tc) {
   TileInputs<T> in;
   plane_affine(lv.x_affine, lv.x_affine_stride, tc.n, tc.c, &in.x_scale, &in.x_shift);
   plane_affine(lv.y_affine, lv.y_affine_stride, tc.n, tc.c, &in.y_scale, &in.y_shift);
-  const scalar_t* x = static_cast<const scalar_t*>(lv.x);
-  const scalar_t* y = static_cast<const scalar_t*>(lv.y);
-  const T x_raw = static_cast<T>(x[tc.n * lv.x_stride[0] + tc.c * lv.x_stride[1] + h * lv.x_stride[2] + w * lv.x_stride[3]]);
-  const T y_raw = static_cast<T>(y[tc.n * lv.y_stride[0] + tc.c * lv.y_stride[1] + h * lv.y_stride[2] + w * lv.y_stride[3]]);
-  in.cx = in.x_scale * x_raw + in.x_shift;
-  in.cy = in.y_scale * y_raw + in.y_shift;
+  in.cx = in.cy = T(0);
   return in;
+}
+
+// Centre a loaded region on its mean, in place, and return the mean. Any shift keeps the math exact
+// (ssim_math.h, moments_from_blurred); the region's mean, padding included, is close to every
+// window's mean, which is what keeps the float32 variances from cancelling. The sum runs in a fixed
+// order (eight interleaved partial sums, added in sequence): every instruction set gives the same bits.
+template <typename T>
+SSIMKD_INLINE T centre_region(T* __restrict v, int64_t count) {
+  constexpr int kLanes = 8;
+  T lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= count; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += v[k + l];
+  for (; k < count; ++k) lanes[0] += v[k];
+  T total = T(0);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  const T mean = total / T(count);
+  for (int64_t i = 0; i < count; ++i) v[i] -= mean;
+  return mean;
 }
 
 // dst[j] = scale * src[j] + shift: a contiguous run of a plane row, normalised. (GCC trusts
@@ -126,16 +138,15 @@ SSIMKD_INLINE void normalise_run(const scalar_t* __restrict src, int n, T scale,
   for (int j = 0; j < n; ++j) dst[j] = scale * static_cast<T>(src[j]) + shift;
 }
 
-// Gather a region of plane (n, c) through the padding's index map, normalise and centre it
-// (scale * x + shift - centre), and write it densely (rows x cols). Out-of-plane reads of zero
-// padding are 0 in the normalised space, so -centre here. The columns that read a contiguous run of
-// the plane (all but the folded or zero-padded border columns) take the vectorised path.
+// Gather a region of plane (n, c) through the padding's index map, normalise it (scale * x + shift),
+// centre it on its mean, and write it densely (rows x cols); returns the mean. Out-of-plane reads of
+// zero padding are 0 in the normalised space. The columns that read a contiguous run of the plane
+// (all but the folded or zero-padded border columns) take the vectorised path.
 template <typename scalar_t, typename T>
-SSIMKD_INLINE void load_region(const void* base, const int64_t* stride, T scale, T shift, T centre,
-                               const TileCoord& tc, const std::vector<int64_t>& src_row,
-                               const std::vector<int64_t>& src_col, int rows, int cols, T* __restrict out) {
+SSIMKD_INLINE T load_region(const void* base, const int64_t* stride, T scale, T shift, const TileCoord& tc,
+                            const std::vector<int64_t>& src_row, const std::vector<int64_t>& src_col, int rows,
+                            int cols, T* __restrict out) {
   const scalar_t* plane = static_cast<const scalar_t*>(base) + tc.n * stride[0] + tc.c * stride[1];
-  shift -= centre;
   // [run_begin, run_end): columns j with src_col[j] = src_col[run_begin] + (j - run_begin), in plane.
   int run_begin = 0, run_end = 0;
   if (stride[3] == 1) {
@@ -154,7 +165,7 @@ SSIMKD_INLINE void load_region(const void* base, const int64_t* stride, T scale,
     T* dst = out + int64_t(i) * cols;
     const int64_t r = src_row[i];
     if (r < 0) {
-      std::fill(dst, dst + cols, -centre);
+      std::fill(dst, dst + cols, T(0));
       continue;
     }
     const scalar_t* src = plane + r * stride[2];
@@ -165,9 +176,10 @@ SSIMKD_INLINE void load_region(const void* base, const int64_t* stride, T scale,
         continue;
       }
       const int64_t s = src_col[j];
-      dst[j] = s < 0 ? -centre : scale * static_cast<T>(src[s * stride[3]]) + shift;
+      dst[j] = s < 0 ? T(0) : scale * static_cast<T>(src[s * stride[3]]) + shift;
     }
   }
+  return centre_region(out, int64_t(rows) * cols);
 }
 
 // The five product rows x, y, x^2, y^2, xy of one region row.
@@ -342,9 +354,11 @@ SSIMKD_CPU_CLONES void forward_tile(const FusedArgs& a, int64_t tile, Workspace<
   // Stage 1: load the tile plus an r halo.
   source_indices(h0 - R, rows, lv.H, a.padding, ws.src_row);
   source_indices(w0 - R, cols, lv.W, a.padding, ws.src_col);
-  const TileInputs<T> in = tile_inputs<scalar_t, T>(lv, tc, h0 + oh / 2, w0 + ow / 2);
-  load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_shift, in.cx, tc, ws.src_row, ws.src_col, rows, cols, ws.x.data());
-  load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_shift, in.cy, tc, ws.src_row, ws.src_col, rows, cols, ws.y.data());
+  TileInputs<T> in = plane_inputs<T>(lv, tc);
+  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_shift, tc, ws.src_row, ws.src_col, rows, cols,
+                                ws.x.data());
+  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_shift, tc, ws.src_row, ws.src_col, rows, cols,
+                                ws.y.data());
 
   // Stage 2: horizontal pass.
   horizontal_pass<R>(ws, rows, cols, taps);
@@ -397,9 +411,11 @@ SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, int64_t tile, Workspace
   // Stage 1: load.
   source_indices(h0 - 2 * R, lh, lv.H, a.padding, ws.src_row);
   source_indices(w0 - 2 * R, lw, lv.W, a.padding, ws.src_col);
-  const TileInputs<T> in = tile_inputs<scalar_t, T>(lv, tc, h0 + oh / 2, w0 + ow / 2);
-  load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_shift, in.cx, tc, ws.src_row, ws.src_col, lh, lw, ws.x.data());
-  load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_shift, in.cy, tc, ws.src_row, ws.src_col, lh, lw, ws.y.data());
+  TileInputs<T> in = plane_inputs<T>(lv, tc);
+  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_shift, tc, ws.src_row, ws.src_col, lh, lw,
+                                ws.x.data());
+  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_shift, tc, ws.src_row, ws.src_col, lh, lw,
+                                ws.y.data());
 
   // Stage 2: statistics on tile + r, and the coefficient maps a, b, c there (0 off the outputs).
   horizontal_pass<R>(ws, lh, lw, taps);

@@ -22,6 +22,14 @@ def device_of(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+def case_size(backend: str) -> dict:
+    """Batch and channels of the comparison cases: smaller for Triton's interpreter, which runs each
+    program's matrix products in numpy, one program at a time."""
+    if backend == "triton" and not torch.cuda.is_available():
+        return {"batch": 1, "channels": 2}
+    return {"batch": 2, "channels": 3}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -57,19 +65,18 @@ def sample_levels(
     """
 
     def one(h, w):
-        if layout == "sliced":
-            base = torch.randn(batch, channels * 2, h + 3, w * 2 + 1, dtype=torch.float64)
-            t = base[:, ::2, 1 : h + 1, 1 : 2 * w + 1 : 2]
-        else:
-            t = torch.randn(batch, channels, h, w, dtype=torch.float64)
+        values = torch.randn(batch, channels * 2, h + 3, w * 2 + 1, dtype=torch.float64)
         if not signed:
-            t = t.sigmoid()
-        t = t.to(dtype=dtype, device=device)
-        if layout == "channels_last":
-            t = t.contiguous(memory_format=torch.channels_last)
-        elif layout == "sliced":
+            values = values.sigmoid()
+        values = values.to(dtype=dtype, device=device)
+        if layout == "sliced":  # a strided view: every other channel and column, an offset row window
+            t = values[:, ::2, 1 : h + 1, 1 : 2 * w + 1 : 2]
             assert not t.is_contiguous()
-        return t.requires_grad_(requires_grad) if t.is_leaf else t.detach().requires_grad_(requires_grad)
+        else:
+            t = values[:, :channels, :h, :w].contiguous()
+            if layout == "channels_last":
+                t = t.contiguous(memory_format=torch.channels_last)
+        return t.detach().requires_grad_(requires_grad)
 
     students = [one(h, w) for h, w in planes]
     teachers = [one(h, w) for h, w in planes]
