@@ -54,9 +54,9 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 # torch 2.14's headers need C++20 on both compilers.
-NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
 
-sources = ["csrc/ops.cpp", "csrc/ssim_cpu.cpp"]
+sources = ["csrc/ops.cpp", "csrc/ssim_cpu.cpp", "csrc/ssim_cuda_emulated.cpp"]
 cuda_sources = ["csrc/ssim_cuda.cu"]
 if WITH_CUDA and all((ROOT / s).exists() for s in cuda_sources):
     extension = CUDAExtension(

@@ -8,6 +8,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -133,15 +134,28 @@ FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affin
   return a;
 }
 
-TileShape tile_shape(const at::Tensor& x, int window, bool backward) {
+// Which implementation a call runs: the tensors' own device's kernels, or (tests only) the CUDA
+// kernels' code emulated on the host for CPU tensors.
+enum class Target { kNative, kCudaEmulated };
+
+TileShape tile_shape(const at::Tensor& x, Target target, bool backward) {
+  const DType dtype = to_dtype(x.scalar_type());
+  if (target == Target::kCudaEmulated) {
+    TORCH_CHECK(x.is_cpu(), "ssimkd: the emulated CUDA kernels run on CPU tensors");
+    return cuda_emulated_tile_shape(dtype);
+  }
 #ifdef SSIMKD_WITH_CUDA
-  if (x.is_cuda()) return cuda_tile_shape(window, backward);
+  if (x.is_cuda()) return cuda_tile_shape(dtype);
 #endif
   TORCH_CHECK(x.is_cpu(), "ssimkd: this build has no kernel for device ", x.device());
-  return cpu_tile_shape(window, backward);
+  return cpu_tile_shape(backward);
 }
 
-void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
+void launch(const FusedArgs& args, const at::Tensor& like, Target target, bool backward) {
+  if (target == Target::kCudaEmulated) {
+    backward ? ssim_bwd_cuda_emulated(args) : ssim_fwd_cuda_emulated(args);
+    return;
+  }
 #ifdef SSIMKD_WITH_CUDA
   if (like.is_cuda()) {
     void* stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
@@ -154,6 +168,7 @@ void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
 
 int64_t output_size(int64_t n, const Options& o) { return output_extent(n, int(o.window / 2), int(o.padding)); }
 
+template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
     at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
     at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1, double c2, int64_t padding, double alpha, double beta, double gamma, bool clamp,
@@ -168,7 +183,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
     for (const auto& x : xs)
       maps.push_back(at::empty({x.size(0), x.size(1), output_size(x.size(2), o), output_size(x.size(3), o)}, acc_opts));
   }
-  const TileShape tile = tile_shape(xs[0], int(window_size), false);
+  const TileShape tile = tile_shape(xs[0], target, false);
   for (size_t begin = 0; begin < xs.size(); begin += kMaxLevelsPerLaunch) {
     const size_t end = std::min(xs.size(), begin + kMaxLevelsPerLaunch);
     FusedArgs args = make_args(xs, ys, x_affines, y_affines, o, begin, end, tile);
@@ -179,11 +194,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
     at::Tensor partials = at::empty({args.total_tiles}, acc_opts);
     args.tile_partials = partials.data_ptr();
     args.level_losses = static_cast<char*>(losses.data_ptr()) + begin * losses.element_size();
-    launch(args, xs[0], false);
+    launch(args, xs[0], target, false);
   }
   return {losses, maps};
 }
 
+template <Target target>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::TensorList xs, at::TensorList ys,
                at::TensorList x_affines, at::TensorList y_affines, at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1,
@@ -214,7 +230,7 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
     if (x_needs_grad && !x_affines.empty()) gxa.push_back(at::empty(x_affines[l].sizes(), acc_opts));
     if (y_needs_grad && !y_affines.empty()) gya.push_back(at::empty(y_affines[l].sizes(), acc_opts));
   }
-  const TileShape tile = tile_shape(xs[0], int(window_size), true);
+  const TileShape tile = tile_shape(xs[0], target, true);
   const at::Tensor grad_losses_c = grad_losses.contiguous();
   for (size_t begin = 0; begin < xs.size(); begin += kMaxLevelsPerLaunch) {
     const size_t end = std::min(xs.size(), begin + kMaxLevelsPerLaunch);
@@ -233,34 +249,42 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
     }
     at::Tensor partials = at::empty({args.total_tiles, 4}, acc_opts);
     args.tile_partials = partials.data_ptr();
-    launch(args, xs[0], true);
+    launch(args, xs[0], target, true);
   }
   return {gxs, gys, gxa, gya};
 }
 
 }  // namespace
 
+// One schema for every implementation, after the op's name.
+constexpr const char* kFwdSchema =
+    "(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, float[] level_scales, int window_size, "
+    "float sigma, float c1, float c2, int padding, float alpha, float beta, float gamma, bool clamp, "
+    "bool write_map) -> (Tensor, Tensor[])";
+constexpr const char* kBwdSchema =
+    "(Tensor grad_losses, Tensor[] grad_maps, Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, "
+    "float[] level_scales, int window_size, float sigma, float c1, float c2, int padding, float alpha, "
+    "float beta, float gamma, bool clamp, bool x_needs_grad, bool y_needs_grad) "
+    "-> (Tensor[], Tensor[], Tensor[], Tensor[])";
+
 TORCH_LIBRARY(ssimkd, m) {
-  m.def(
-      "fused_ssim_fwd(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, float[] level_scales, "
-      "int window_size, float sigma, float c1, float c2, int padding, float alpha, float beta, float gamma, "
-      "bool clamp, bool write_map) -> (Tensor, Tensor[])");
-  m.def(
-      "fused_ssim_bwd(Tensor grad_losses, Tensor[] grad_maps, Tensor[] xs, Tensor[] ys, Tensor[] x_affines, "
-      "Tensor[] y_affines, float[] level_scales, int window_size, float sigma, float c1, float c2, int padding, float alpha, "
-      "float beta, float gamma, bool clamp, bool x_needs_grad, bool y_needs_grad) "
-      "-> (Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def((std::string("fused_ssim_fwd") + kFwdSchema).c_str());
+  m.def((std::string("fused_ssim_bwd") + kBwdSchema).c_str());
+  m.def((std::string("fused_ssim_fwd_cuda_emulated") + kFwdSchema).c_str());
+  m.def((std::string("fused_ssim_bwd_cuda_emulated") + kBwdSchema).c_str());
 }
 
 TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {
-  m.impl("fused_ssim_fwd", &fused_ssim_fwd);
-  m.impl("fused_ssim_bwd", &fused_ssim_bwd);
+  m.impl("fused_ssim_fwd", &fused_ssim_fwd<Target::kNative>);
+  m.impl("fused_ssim_bwd", &fused_ssim_bwd<Target::kNative>);
+  m.impl("fused_ssim_fwd_cuda_emulated", &fused_ssim_fwd<Target::kCudaEmulated>);
+  m.impl("fused_ssim_bwd_cuda_emulated", &fused_ssim_bwd<Target::kCudaEmulated>);
 }
 
 #ifdef SSIMKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(ssimkd, CUDA, m) {
-  m.impl("fused_ssim_fwd", &fused_ssim_fwd);
-  m.impl("fused_ssim_bwd", &fused_ssim_bwd);
+  m.impl("fused_ssim_fwd", &fused_ssim_fwd<Target::kNative>);
+  m.impl("fused_ssim_bwd", &fused_ssim_bwd<Target::kNative>);
 }
 #endif
 

@@ -617,7 +617,7 @@ struct BackwardFn {
 
 }  // namespace
 
-TileShape cpu_tile_shape(int /*window*/, bool backward) { return {backward ? kBackwardTileH : kForwardTileH, kTileW}; }
+TileShape cpu_tile_shape(bool backward) { return {backward ? kBackwardTileH : kForwardTileH, kTileW}; }
 
 void ssim_fwd_cpu(const FusedArgs& args) {
   if (args.total_tiles > 0) dispatch<ForwardFn>(args);

@@ -9,8 +9,9 @@
 namespace ssimkd {
 
 // Levels in one launch; ops.cpp runs more levels in several launches (MAX_LEVELS_PER_LAUNCH in
-// _constants.py). Bounded so that FusedArgs (~280 B a level) fits in CUDA's 4 KiB of kernel parameters.
-constexpr int kMaxLevelsPerLaunch = 12;
+// _constants.py). Bounded so that FusedArgs (~330 B a level) fits in the classic 4 KiB of CUDA kernel
+// parameters.
+constexpr int kMaxLevelsPerLaunch = 8;
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
@@ -62,7 +63,7 @@ struct FusedArgs {
 };
 
 template <typename T>
-inline SsimParams<T> make_ssim_params(const FusedArgs& a) {
+SSIMKD_HD SsimParams<T> make_ssim_params(const FusedArgs& a) {
   SsimParams<T> p;
   p.c1 = T(a.c1);
   p.c2 = T(a.c2);
@@ -116,12 +117,18 @@ SSIMKD_HD int64_t output_extent(int64_t n, int radius, int padding) {
 }
 
 // Tile shape of each backend, so ops.cpp can size the scratch before it launches.
-TileShape cpu_tile_shape(int window, bool backward);
+TileShape cpu_tile_shape(bool backward);
 void ssim_fwd_cpu(const FusedArgs& args);
 void ssim_bwd_cpu(const FusedArgs& args);
 
+// The CUDA kernels' block code run on the host, one block and one thread at a time
+// (csrc/ssim_cuda_emulated.cpp): how machines without a GPU test ssim_cuda.cu. Tests only.
+TileShape cuda_emulated_tile_shape(DType dtype);
+void ssim_fwd_cuda_emulated(const FusedArgs& args);
+void ssim_bwd_cuda_emulated(const FusedArgs& args);
+
 #ifdef SSIMKD_WITH_CUDA
-TileShape cuda_tile_shape(int window, bool backward);
+TileShape cuda_tile_shape(DType dtype);
 // stream: the cudaStream_t to launch on, passed as void* so this header needs no CUDA include.
 void ssim_fwd_cuda(const FusedArgs& args, void* stream);
 void ssim_bwd_cuda(const FusedArgs& args, void* stream);

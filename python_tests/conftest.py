@@ -12,7 +12,11 @@ if not torch.cuda.is_available():
 
 import ssimkd_kernels as sk  # noqa: E402
 
-FUSED_BACKENDS = ("cpu", "triton", "cuda")
+from ssimkd_kernels.ops import _OP_PAIRS, EMULATED_CUDA  # noqa: E402
+
+# The fused backends under test. "cuda_emulated" is ssim_cuda.cu's block code compiled for the host and
+# run one thread at a time on CPU tensors: how machines without a GPU test the CUDA kernels' code.
+FUSED_BACKENDS = ("cpu", "triton", "cuda", EMULATED_CUDA)
 
 
 def device_of(backend: str) -> torch.device:
@@ -39,6 +43,10 @@ def _seed():
 def backend(request) -> str:
     """Each fused backend that can run here; a missing one is skipped, with the reason."""
     name = request.param
+    if name == EMULATED_CUDA:
+        if name not in _OP_PAIRS:
+            pytest.skip("the C++ extension is not built")
+        return name
     if name not in sk.available_backends():
         pytest.skip(f"backend {name!r} is not available here")
     return name

@@ -27,6 +27,8 @@ from torch import Tensor
 
 from ._constants import BACKENDS, PADDING_CODES
 
+EMULATED_CUDA = "cuda_emulated"
+
 try:
     from . import _C  # noqa: F401  (loading it registers the C++ ops)
 
@@ -162,6 +164,9 @@ def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales
 _OP_PAIRS = {"triton": ("ssimkd::fused_ssim_fwd_triton", "ssimkd::fused_ssim_bwd_triton")}
 if _C is not None:
     _OP_PAIRS["cpu"] = _OP_PAIRS["cuda"] = ("ssimkd::fused_ssim_fwd", "ssimkd::fused_ssim_bwd")
+    # Test-only: the CUDA kernels' block code compiled for the host and run on CPU tensors, one block
+    # and one thread at a time (csrc/ssim_cuda_emulated.cpp). Not a user backend: it is slow.
+    _OP_PAIRS[EMULATED_CUDA] = ("ssimkd::fused_ssim_fwd_cuda_emulated", "ssimkd::fused_ssim_bwd_cuda_emulated")
 
 
 def _op(qualified_name: str):
@@ -296,6 +301,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             available = available_backends()
             order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
             return next((b for b in order if b in available), "reference")
+    if backend == EMULATED_CUDA and EMULATED_CUDA in _OP_PAIRS:
+        if device.type != "cpu":
+            raise ValueError(f"backend {EMULATED_CUDA!r} (tests only) runs on CPU tensors, got tensors on {device}")
+        return backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "reference":
