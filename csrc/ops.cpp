@@ -254,6 +254,48 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
   return {gxs, gys, gxa, gya};
 }
 
+at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Tensor& high, const at::Tensor& g_low,
+                       const at::Tensor& g_high, int64_t group) {
+  TORCH_CHECK(x.dim() == 4, "ssimkd: minmax_grad: x must be (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(group >= kGroupSample && group <= kGroupPlane, "ssimkd: minmax_grad: unknown group ", group);
+  const auto acc = accumulation_type(x.scalar_type());
+  const int64_t groups = group == kGroupSample ? x.size(0) : (group == kGroupLevel ? 1 : x.size(0) * x.size(1));
+  for (const at::Tensor* t : {&low, &high, &g_low, &g_high}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == groups && t->scalar_type() == acc && t->is_contiguous() &&
+                    t->device() == x.device(),
+                "ssimkd: minmax_grad: per-group tensors must be contiguous (", groups, ",) ", acc, ", got ",
+                t->sizes(), " ", t->scalar_type());
+  }
+  const c10::OptionalDeviceGuard guard(x.device());
+  at::Tensor grad = at::empty_like(x);
+  at::Tensor counts = at::zeros({groups, 2}, x.options().dtype(at::kLong));
+  MinMaxGradArgs a{};
+  a.x = x.data_ptr();
+  copy_strides(x, a.x_stride);
+  a.N = x.size(0);
+  a.C = x.size(1);
+  a.H = x.size(2);
+  a.W = x.size(3);
+  a.group = int(group);
+  a.dtype = to_dtype(x.scalar_type());
+  a.low = low.data_ptr();
+  a.high = high.data_ptr();
+  a.g_low = g_low.data_ptr();
+  a.g_high = g_high.data_ptr();
+  a.counts = counts.data_ptr();
+  a.grad = grad.data_ptr();
+  copy_strides(grad, a.grad_stride);
+#ifdef SSIMKD_WITH_CUDA
+  if (x.is_cuda()) {
+    minmax_grad_cuda(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    return grad;
+  }
+#endif
+  TORCH_CHECK(x.is_cpu(), "ssimkd: minmax_grad: no kernel for device ", x.device());
+  minmax_grad_cpu(a);
+  return grad;
+}
+
 }  // namespace
 
 // One schema for every implementation, after the op's name.
@@ -272,6 +314,7 @@ TORCH_LIBRARY(ssimkd, m) {
   m.def((std::string("fused_ssim_bwd") + kBwdSchema).c_str());
   m.def((std::string("fused_ssim_fwd_cuda_emulated") + kFwdSchema).c_str());
   m.def((std::string("fused_ssim_bwd_cuda_emulated") + kBwdSchema).c_str());
+  m.def("minmax_grad(Tensor x, Tensor low, Tensor high, Tensor g_low, Tensor g_high, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {
@@ -279,12 +322,14 @@ TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {
   m.impl("fused_ssim_bwd", &fused_ssim_bwd<Target::kNative>);
   m.impl("fused_ssim_fwd_cuda_emulated", &fused_ssim_fwd<Target::kCudaEmulated>);
   m.impl("fused_ssim_bwd_cuda_emulated", &fused_ssim_bwd<Target::kCudaEmulated>);
+  m.impl("minmax_grad", &minmax_grad);
 }
 
 #ifdef SSIMKD_WITH_CUDA
 TORCH_LIBRARY_IMPL(ssimkd, CUDA, m) {
   m.impl("fused_ssim_fwd", &fused_ssim_fwd<Target::kNative>);
   m.impl("fused_ssim_bwd", &fused_ssim_bwd<Target::kNative>);
+  m.impl("minmax_grad", &minmax_grad);
 }
 #endif
 

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -237,12 +238,12 @@ SSIMKD_INLINE void ssim_row(const T* __restrict v, int cols, Range cr, const Ssi
 // out[q] = sum_j w[j * n + q] * in[q + j]: the horizontal transposed pass of a border tile, whose
 // weights vary by column (reflect folds, zero and valid masks). Interior tiles use blur_line.
 template <int R, typename T>
-SSIMKD_INLINE void band_row(const T* __restrict in, const T* __restrict w, int n, T* __restrict out) {
-  std::fill(out, out + n, T(0));
-  for (int j = 0; j <= 2 * R; ++j) {
-    const T* __restrict wj = w + int64_t(j) * n;
-    const T* __restrict in_j = in + j;
-    for (int q = 0; q < n; ++q) out[q] += wj[q] * in_j[q];
+SSIMKD_INLINE void band_row(const T* __restrict in, const T* __restrict w, int64_t n, T* __restrict out) {
+  for (int64_t q = 0; q < n; ++q) {
+    T acc = T(0);
+#pragma GCC unroll 16
+    for (int64_t j = 0; j <= 2 * R; ++j) acc += w[j * n + q] * in[q + j];
+    out[q] = acc;
   }
 }
 
@@ -615,7 +616,73 @@ struct BackwardFn {
   static void run(const FusedArgs& a) { backward_impl<scalar_t, R>(a); }
 };
 
+template <typename scalar_t>
+void minmax_grad_impl(const MinMaxGradArgs& a) {
+  using T = typename Acc<scalar_t>::type;
+  const T* low = static_cast<const T*>(a.low);
+  const T* high = static_cast<const T*>(a.high);
+  const T* g_low = static_cast<const T*>(a.g_low);
+  const T* g_high = static_cast<const T*>(a.g_high);
+  const int64_t planes = a.N * a.C;
+  auto plane_ptr = [&](int64_t plane, auto* base, const int64_t* stride) {
+    return base + (plane / a.C) * stride[0] + (plane % a.C) * stride[1];
+  };
+  // Pass 1: ties per plane (integers: any order gives the same counts), then per group.
+  std::vector<int64_t> plane_counts(size_t(2 * planes), 0);
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t g = group_of_plane(a.group, plane / a.C, plane % a.C, a.C);
+      const scalar_t* x = plane_ptr(plane, static_cast<const scalar_t*>(a.x), a.x_stride);
+      int64_t n_low = 0, n_high = 0;
+      for (int64_t h = 0; h < a.H; ++h)
+        for (int64_t w = 0; w < a.W; ++w) {
+          const T v = static_cast<T>(x[h * a.x_stride[2] + w * a.x_stride[3]]);
+          n_low += v == low[g];
+          n_high += v == high[g];
+        }
+      plane_counts[2 * plane] = n_low;
+      plane_counts[2 * plane + 1] = n_high;
+    }
+  });
+  int64_t* counts = static_cast<int64_t*>(a.counts);
+  const int64_t groups = a.group == kGroupSample ? a.N : (a.group == kGroupLevel ? 1 : planes);
+  std::fill(counts, counts + 2 * groups, int64_t(0));
+  for (int64_t plane = 0; plane < planes; ++plane) {
+    const int64_t g = group_of_plane(a.group, plane / a.C, plane % a.C, a.C);
+    counts[2 * g] += plane_counts[2 * plane];
+    counts[2 * g + 1] += plane_counts[2 * plane + 1];
+  }
+  // Pass 2: the gradient, with each group's share per tie.
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t g = group_of_plane(a.group, plane / a.C, plane % a.C, a.C);
+      const T lo = low[g], hi = high[g];
+      const T share_low = g_low[g] / T(counts[2 * g]), share_high = g_high[g] / T(counts[2 * g + 1]);
+      const bool no_match = counts[2 * g] == 0 || counts[2 * g + 1] == 0;  // a NaN in the group
+      const scalar_t* x = plane_ptr(plane, static_cast<const scalar_t*>(a.x), a.x_stride);
+      scalar_t* grad = plane_ptr(plane, static_cast<scalar_t*>(a.grad), a.grad_stride);
+      for (int64_t h = 0; h < a.H; ++h)
+        for (int64_t w = 0; w < a.W; ++w) {
+          const T v = static_cast<T>(x[h * a.x_stride[2] + w * a.x_stride[3]]);
+          T out = no_match ? std::numeric_limits<T>::quiet_NaN() : T(0);
+          if (v == lo) out += share_low;
+          if (v == hi) out += share_high;
+          grad[h * a.grad_stride[2] + w * a.grad_stride[3]] = static_cast<scalar_t>(out);
+        }
+    }
+  });
+}
+
 }  // namespace
+
+void minmax_grad_cpu(const MinMaxGradArgs& args) {
+  switch (args.dtype) {
+    case DType::kFloat32: return minmax_grad_impl<float>(args);
+    case DType::kFloat64: return minmax_grad_impl<double>(args);
+    case DType::kFloat16: return minmax_grad_impl<c10::Half>(args);
+    case DType::kBFloat16: return minmax_grad_impl<c10::BFloat16>(args);
+  }
+}
 
 TileShape cpu_tile_shape(bool backward) { return {backward ? kBackwardTileH : kForwardTileH, kTileW}; }
 

@@ -557,6 +557,45 @@ __global__ void __launch_bounds__(kThreads) plane_sum_kernel(const __grid_consta
   if (plane < args.levels[level].N * args.levels[level].C) plane_sums<T>(args, level, plane);
 }
 
+// ---- the min/max gradient of the normalisation (MinMaxGradArgs): count ties, then write
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) minmax_count_kernel(const MinMaxGradArgs a, int64_t first_plane) {
+  using T = typename Acc<scalar_t>::type;
+  const int64_t plane = first_plane + blockIdx.y;
+  const int64_t n = plane / a.C, c = plane % a.C, g = group_of_plane(a.group, n, c, a.C);
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + n * a.x_stride[0] + c * a.x_stride[1];
+  const T lo = static_cast<const T*>(a.low)[g], hi = static_cast<const T*>(a.high)[g];
+  unsigned long long n_low = 0, n_high = 0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.H * a.W; i += int64_t(gridDim.x) * blockDim.x) {
+    const T v = static_cast<T>(x[(i / a.W) * a.x_stride[2] + (i % a.W) * a.x_stride[3]]);
+    n_low += v == lo;
+    n_high += v == hi;
+  }
+  // Integer atomics: exact, so the counts do not depend on the order of arrival.
+  unsigned long long* counts = static_cast<unsigned long long*>(a.counts);
+  if (n_low) atomicAdd(counts + 2 * g, n_low);
+  if (n_high) atomicAdd(counts + 2 * g + 1, n_high);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) minmax_write_kernel(const MinMaxGradArgs a) {
+  using T = typename Acc<scalar_t>::type;
+  const int64_t total = a.N * a.C * a.H * a.W;
+  const int64_t* counts = static_cast<const int64_t*>(a.counts);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t w = i % a.W, h = (i / a.W) % a.H, c = (i / (a.W * a.H)) % a.C, n = i / (a.W * a.H * a.C);
+    const int64_t g = group_of_plane(a.group, n, c, a.C);
+    const T v = static_cast<T>(static_cast<const scalar_t*>(a.x)[n * a.x_stride[0] + c * a.x_stride[1] +
+                                                                h * a.x_stride[2] + w * a.x_stride[3]]);
+    const int64_t n_low = counts[2 * g], n_high = counts[2 * g + 1];
+    T out = (n_low == 0 || n_high == 0) ? T(NAN) : T(0);  // a NaN in the group
+    if (v == static_cast<const T*>(a.low)[g]) out += static_cast<const T*>(a.g_low)[g] / T(n_low);
+    if (v == static_cast<const T*>(a.high)[g]) out += static_cast<const T*>(a.g_high)[g] / T(n_high);
+    static_cast<scalar_t*>(a.grad)[n * a.grad_stride[0] + c * a.grad_stride[1] + h * a.grad_stride[2] +
+                                   w * a.grad_stride[3]] = static_cast<scalar_t>(out);
+  }
+}
+
 template <typename Kernel>
 void launch_tiles(Kernel kernel, const FusedArgs& args, int64_t smem, cudaStream_t stream) {
   // Above 48 KiB of dynamic shared memory a kernel must opt in (H100: up to 227 KiB a block).
@@ -582,6 +621,33 @@ void ssim_fwd_cuda(const FusedArgs& args, void* stream_ptr) {
     level_sum_kernel<T><<<unsigned(args.num_levels), kThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void minmax_grad_cuda(const MinMaxGradArgs& args, void* stream_ptr) {
+  using namespace cuda_detail;
+  const int64_t total = args.N * args.C * args.H * args.W;
+  if (total == 0) return;
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  auto run = [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
+    // counts were zeroed by the caller; y of the count grid walks the planes (at most 65535 a launch)
+    const int64_t planes = args.N * args.C;
+    const unsigned chunks = unsigned(std::min<int64_t>((args.H * args.W + kThreads - 1) / kThreads, 64));
+    for (int64_t first = 0; first < planes; first += 65535) {
+      const unsigned rows = unsigned(std::min<int64_t>(65535, planes - first));
+      minmax_count_kernel<scalar_t><<<dim3(chunks, rows), kThreads, 0, stream>>>(args, first);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const unsigned blocks = unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535 * 8));
+    minmax_write_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (args.dtype) {
+    case DType::kFloat32: return run(float{});
+    case DType::kFloat64: return run(double{});
+    case DType::kFloat16: return run(c10::Half{});
+    case DType::kBFloat16: return run(c10::BFloat16{});
+  }
 }
 
 void ssim_bwd_cuda(const FusedArgs& args, void* stream_ptr) {

@@ -89,6 +89,35 @@ SSIMKD_HD void plane_affine(const void* affine, const int64_t* stride, int64_t n
   *shift = a[stride[2]];
 }
 
+// The gradient of a feature map's per-group minimum and maximum (the min-max normalisation psi),
+// split evenly among ties as torch.amin/amax do: grad = g_low / n_low [x == low] + g_high / n_high
+// [x == high], per group of planes; NaN for a group with no match (a NaN input).
+enum Group : int { kGroupSample = 0, kGroupLevel = 1, kGroupPlane = 2 };  // normalize "sample", "level", "plane"
+
+struct MinMaxGradArgs {
+  const void* x;            // [N, C, H, W] input dtype, any strides
+  int64_t x_stride[4];
+  int64_t N, C, H, W;
+  int group;                // Group
+  DType dtype;
+  const void* low;          // [groups] acc: the group's min, max, and dL/dmin, dL/dmax
+  const void* high;
+  const void* g_low;
+  const void* g_high;
+  void* counts;             // scratch [groups, 2] int64: ties with min and with max
+  void* grad;               // [N, C, H, W] input dtype, strides grad_stride
+  int64_t grad_stride[4];
+};
+
+SSIMKD_HD int64_t group_of_plane(int group, int64_t n, int64_t c, int64_t C) {
+  return group == kGroupSample ? n : (group == kGroupLevel ? 0 : n * C + c);
+}
+
+void minmax_grad_cpu(const MinMaxGradArgs& args);
+#ifdef SSIMKD_WITH_CUDA
+void minmax_grad_cuda(const MinMaxGradArgs& args, void* stream);
+#endif
+
 struct TileShape {
   int h, w;
 };

@@ -31,7 +31,7 @@ from ._constants import (
     NORMALIZE_MODES,
     PADDING_CODES,
 )
-from .ops import KernelOptions, fused_ssim, resolve_backend
+from .ops import GroupMinMax, KernelOptions, fused_ssim, resolve_backend
 
 __all__ = ["ssim", "ssim_map", "ssim_kd_loss", "SSIMKDLoss"]
 
@@ -138,14 +138,12 @@ def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
 def _plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
     """Per-plane (scale, shift) of the min-max normalisation of each feature map, as (N, C, 2) views.
 
-    One min and one max per map; the formula runs once over all maps together (few small ops, which
-    is what eager mode pays for), and each result is a broadcast view, which the fused ops read in
-    place.
+    One min/max pass per map (GroupMinMax, whose backward is one fused op); the formula runs once over
+    all maps together (few small ops, which is what eager mode pays for), and each result is a
+    broadcast view, which the fused ops read in place.
     """
-    acc = torch.float64 if feats[0].dtype == torch.float64 else torch.float32
-    dims = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}[mode]
-    low = torch.cat([f.amin(dim=dims).reshape(-1) for f in feats]).to(acc)
-    high = torch.cat([f.amax(dim=dims).reshape(-1) for f in feats]).to(acc)
+    lows, highs = zip(*(GroupMinMax.apply(f, mode) for f in feats))
+    low, high = torch.cat(lows), torch.cat(highs)
     scale = 1.0 / (high - low + NORM_EPS)
     packed = torch.stack([scale, -low * scale], dim=-1)
     keep = {"sample": lambda n, c: (n, 1), "level": lambda n, c: (1, 1), "plane": lambda n, c: (n, c)}[mode]
