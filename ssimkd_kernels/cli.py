@@ -56,6 +56,88 @@ def _bench(args) -> int:
     return 0
 
 
+# Errors of configuration and data that deserve one clear line, not a traceback.
+def _user_errors():
+    from .distill.data import DataError
+
+    return (ValueError, FileNotFoundError, DataError)
+
+
+def _run(action) -> int:
+    try:
+        action()
+    except _user_errors() as error:
+        print(f"ssimkd: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train(args) -> int:
+    from .distill.train import run_train
+
+    return _run(lambda: run_train(args.config, args.overrides, resume=args.resume))
+
+
+def _eval(args) -> int:
+    from .distill.evaluate import format_metrics, run_eval
+
+    def action():
+        metrics = run_eval(args.checkpoint, args.overrides, out_json=args.json_out, progress=not args.json)
+        print(json.dumps(metrics, indent=2) if args.json else f"{format_metrics(metrics)}  ({metrics['images']} images)")
+
+    return _run(action)
+
+
+def _make_data(args) -> int:
+    from .distill.config import load_config
+    from .distill.synthetic import run_make_data
+
+    def action():
+        files = run_make_data(load_config(args.config, args.overrides).data, args.out)
+        for name, path in vars(files).items():
+            print(f"{name:<18} {path}")
+
+    return _run(action)
+
+
+def _demo(args) -> int:
+    from .distill.demo import run_demo
+
+    return _run(lambda: run_demo(args.preset, args.out, args.overrides, progress=not args.no_progress))
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override config fields, e.g. --set train.lr=0.01 kd.mode=ssim")
+
+
+def _add_distill_commands(sub) -> None:
+    demo = sub.add_parser("demo", help="the main job: teacher, then students with none / l2 / ssim KD, mAP table")
+    demo.add_argument("--preset", choices=("smoke", "default", "gpu"), default="default",
+                      help="smoke: ~2 min on 2 CPU cores; default: < 30 min; gpu: larger images and schedule")
+    demo.add_argument("--out", default="runs/demo", help="output folder (results.json, results.png, one folder per run)")
+    demo.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train a detector, optionally distilled (torchrun for DDP)")
+    _add_config_options(train, "TOML file, or a preset name in configs/ (e.g. synthetic-retinanet)")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                       help="continue from train.out/checkpoint.pt (or the given file), exactly")
+    train.set_defaults(func=_train)
+    evaluate = sub.add_parser("eval", help="COCO mAP of a trained detector on its config's val split")
+    evaluate.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt of a train run")
+    evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
+                          help="override the saved config, e.g. data.val_annotations=... eval.max_images=100")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument("--json-out", help="also write the metrics to this file")
+    evaluate.set_defaults(func=_eval)
+    make_data = sub.add_parser("make-data", help="write the synthetic shapes dataset in COCO format")
+    _add_config_options(make_data, "TOML file or preset whose data.synthetic section to use")
+    make_data.add_argument("--out", help="folder to write (default: the cache folder the trainer uses)")
+    make_data.set_defaults(func=_make_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssimkd", description="Fused SSIM for Structural Knowledge Distillation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed and memory of every backend and peer (bench/bench_ssim.py)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench/bench_ssim.py")
     bench.set_defaults(func=_bench)
+    _add_distill_commands(sub)
     return parser
 
 
