@@ -98,17 +98,17 @@ SSIMKD_INLINE void source_indices(int64_t start, int count, int64_t n, int paddi
   for (int i = 0; i < count; ++i) out[i] = source_index(start + i, n, padding);
 }
 
-// A tile's per-plane normalisation (scale, shift) of x and y, and its centring shifts cx, cy.
+// A tile's per-plane normalisation (scale, offset) of x and y, and its centring shifts cx, cy.
 template <typename T>
 struct TileInputs {
-  T x_scale, x_shift, y_scale, y_shift, cx, cy;
+  T x_scale, x_offset, y_scale, y_offset, cx, cy;
 };
 
 template <typename T>
 SSIMKD_INLINE TileInputs<T> plane_inputs(const LevelDesc& lv, const TileCoord& tc) {
   TileInputs<T> in;
-  plane_affine(lv.x_affine, lv.x_affine_stride, tc.n, tc.c, &in.x_scale, &in.x_shift);
-  plane_affine(lv.y_affine, lv.y_affine_stride, tc.n, tc.c, &in.y_scale, &in.y_shift);
+  plane_affine(lv.x_affine, lv.x_affine_stride, tc.n, tc.c, &in.x_scale, &in.x_offset);
+  plane_affine(lv.y_affine, lv.y_affine_stride, tc.n, tc.c, &in.y_scale, &in.y_offset);
   in.cx = in.cy = T(0);
   return in;
 }
@@ -132,19 +132,19 @@ SSIMKD_INLINE T centre_region(T* __restrict v, int64_t count) {
   return mean;
 }
 
-// dst[j] = scale * src[j] + shift: a contiguous run of a plane row, normalised. (GCC trusts
+// dst[j] = scale * (src[j] - offset): a contiguous run of a plane row, normalised. (GCC trusts
 // __restrict only on parameters, so each vectorised row loop is a function of its own.)
 template <typename scalar_t, typename T>
-SSIMKD_INLINE void normalise_run(const scalar_t* __restrict src, int n, T scale, T shift, T* __restrict dst) {
-  for (int j = 0; j < n; ++j) dst[j] = scale * static_cast<T>(src[j]) + shift;
+SSIMKD_INLINE void normalise_run(const scalar_t* __restrict src, int n, T scale, T offset, T* __restrict dst) {
+  for (int j = 0; j < n; ++j) dst[j] = scale * (static_cast<T>(src[j]) - offset);
 }
 
-// Gather a region of plane (n, c) through the padding's index map, normalise it (scale * x + shift),
+// Gather a region of plane (n, c) through the padding's index map, normalise it (scale * (x - offset)),
 // centre it on its mean, and write it densely (rows x cols); returns the mean. Out-of-plane reads of
 // zero padding are 0 in the normalised space. The columns that read a contiguous run of the plane
 // (all but the folded or zero-padded border columns) take the vectorised path.
 template <typename scalar_t, typename T>
-SSIMKD_INLINE T load_region(const void* base, const int64_t* stride, T scale, T shift, const TileCoord& tc,
+SSIMKD_INLINE T load_region(const void* base, const int64_t* stride, T scale, T offset, const TileCoord& tc,
                             const std::vector<int64_t>& src_row, const std::vector<int64_t>& src_col, int rows,
                             int cols, T* __restrict out) {
   const scalar_t* plane = static_cast<const scalar_t*>(base) + tc.n * stride[0] + tc.c * stride[1];
@@ -172,12 +172,12 @@ SSIMKD_INLINE T load_region(const void* base, const int64_t* stride, T scale, T 
     const scalar_t* src = plane + r * stride[2];
     for (int j = 0; j < cols; ++j) {
       if (j == run_begin && run_end > run_begin) {
-        normalise_run(src + src_col[j], run_end - run_begin, scale, shift, dst + j);
+        normalise_run(src + src_col[j], run_end - run_begin, scale, offset, dst + j);
         j = run_end - 1;
         continue;
       }
       const int64_t s = src_col[j];
-      dst[j] = s < 0 ? T(0) : scale * static_cast<T>(src[s * stride[3]]) + shift;
+      dst[j] = s < 0 ? T(0) : scale * (static_cast<T>(src[s * stride[3]]) - offset);
     }
   }
   return centre_region(out, int64_t(rows) * cols);
@@ -254,13 +254,13 @@ SSIMKD_INLINE void input_grad_row(const T* __restrict ga, const T* __restrict gb
   for (int k = 0; k < n; ++k) out[k] = ga[k] + T(2) * self[k] * gb[k] + other[k] * gc[k];
 }
 
-// A row of the raw input, in the accumulation type.
+// A row of the raw input minus the plane's offset, in the accumulation type.
 template <typename scalar_t, typename T>
-SSIMKD_INLINE void read_row(const scalar_t* __restrict src, int64_t step, int n, T* __restrict dst) {
+SSIMKD_INLINE void read_row(const scalar_t* __restrict src, int64_t step, int n, T offset, T* __restrict dst) {
   if (step == 1) {
-    for (int k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]);
+    for (int k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k]) - offset;
   } else {
-    for (int k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k * step]);
+    for (int k = 0; k < n; ++k) dst[k] = static_cast<T>(src[k * step]) - offset;
   }
 }
 
@@ -356,9 +356,9 @@ SSIMKD_CPU_CLONES void forward_tile(const FusedArgs& a, int64_t tile, Workspace<
   source_indices(h0 - R, rows, lv.H, a.padding, ws.src_row);
   source_indices(w0 - R, cols, lv.W, a.padding, ws.src_col);
   TileInputs<T> in = plane_inputs<T>(lv, tc);
-  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_shift, tc, ws.src_row, ws.src_col, rows, cols,
+  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_offset, tc, ws.src_row, ws.src_col, rows, cols,
                                 ws.x.data());
-  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_shift, tc, ws.src_row, ws.src_col, rows, cols,
+  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_offset, tc, ws.src_row, ws.src_col, rows, cols,
                                 ws.y.data());
 
   // Stage 2: horizontal pass.
@@ -413,9 +413,9 @@ SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, int64_t tile, Workspace
   source_indices(h0 - 2 * R, lh, lv.H, a.padding, ws.src_row);
   source_indices(w0 - 2 * R, lw, lv.W, a.padding, ws.src_col);
   TileInputs<T> in = plane_inputs<T>(lv, tc);
-  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_shift, tc, ws.src_row, ws.src_col, lh, lw,
+  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_offset, tc, ws.src_row, ws.src_col, lh, lw,
                                 ws.x.data());
-  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_shift, tc, ws.src_row, ws.src_col, lh, lw,
+  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_offset, tc, ws.src_row, ws.src_col, lh, lw,
                                 ws.y.data());
 
   // Stage 2: statistics on tile + r, and the coefficient maps a, b, c there (0 off the outputs).
@@ -474,7 +474,7 @@ SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, int64_t tile, Workspace
   }
 
   // Stage 4: vertical transposed pass per tile row, then dL/dx-hat = W^T a_x + 2 x W^T b_x + y W^T c
-  // (and the mirror for y); dL/dx = scale * dL/dx-hat; per-plane sums for d scale and d shift.
+  // (and the mirror for y); dL/dx = scale * dL/dx-hat; per-plane sums for d scale and d offset.
   const scalar_t* x_raw = static_cast<const scalar_t*>(lv.x) + tc.n * lv.x_stride[0] + tc.c * lv.x_stride[1];
   const scalar_t* y_raw = static_cast<const scalar_t*>(lv.y) + tc.n * lv.y_stride[0] + tc.c * lv.y_stride[1];
   scalar_t* gx = lv.gx ? static_cast<scalar_t*>(lv.gx) + tc.n * lv.gx_stride[0] + tc.c * lv.gx_stride[1] : nullptr;
@@ -490,12 +490,12 @@ SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, int64_t tile, Workspace
     const T* xh = ws.x.data() + int64_t(q + 2 * R) * lw + 2 * R;
     const T* yh = ws.y.data() + int64_t(q + 2 * R) * lw + 2 * R;
     input_grad_row(g, g + ow, g + 2 * ow, xh, yh, ow, grad_hat);
-    read_row(x_raw + h * lv.x_stride[2] + w0 * lv.x_stride[3], lv.x_stride[3], ow, raw);
+    read_row(x_raw + h * lv.x_stride[2] + w0 * lv.x_stride[3], lv.x_stride[3], ow, in.x_offset, raw);
     accumulate_affine_sums(grad_hat, raw, ow, &sums[0], &sums[1]);
     if (gx) write_row(grad_hat, in.x_scale, ow, gx + h * lv.gx_stride[2] + w0 * lv.gx_stride[3], lv.gx_stride[3]);
     if (need_y) {
       input_grad_row(g + 3 * ow, g + 4 * ow, g + 2 * ow, yh, xh, ow, grad_hat);
-      read_row(y_raw + h * lv.y_stride[2] + w0 * lv.y_stride[3], lv.y_stride[3], ow, raw);
+      read_row(y_raw + h * lv.y_stride[2] + w0 * lv.y_stride[3], lv.y_stride[3], ow, in.y_offset, raw);
       accumulate_affine_sums(grad_hat, raw, ow, &sums[2], &sums[3]);
       if (gy) write_row(grad_hat, in.y_scale, ow, gy + h * lv.gy_stride[2] + w0 * lv.gy_stride[3], lv.gy_stride[3]);
     }
@@ -558,24 +558,24 @@ void backward_impl(const FusedArgs& a) {
   for_each_tile<T>(a, R, [&](int64_t t, Workspace<T>& ws) {
     backward_tile<scalar_t, R>(a, t, ws, taps, partials + 4 * t);
   });
-  // Per plane, its tiles in index order, accumulated in double.
+  // Per plane, its tiles in index order, accumulated in double; then dL/d(scale, offset).
   for (int l = 0; l < a.num_levels; ++l) {
     const LevelDesc& lv = a.levels[l];
     const int64_t per_plane = lv.tiles_h * lv.tiles_w;
-    T* gxa = static_cast<T*>(lv.g_x_affine);
-    T* gya = static_cast<T*>(lv.g_y_affine);
     for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
       double s[4] = {0.0, 0.0, 0.0, 0.0};
       const T* p = partials + 4 * (lv.tile_begin + plane * per_plane);
       for (int64_t t = 0; t < per_plane; ++t)
         for (int k = 0; k < 4; ++k) s[k] += double(p[4 * t + k]);
-      if (gxa) {
-        gxa[2 * plane] = T(s[0]);
-        gxa[2 * plane + 1] = T(s[1]);
+      const int64_t n = plane / lv.C, c = plane % lv.C;
+      T scale, offset;
+      if (lv.g_x_affine) {
+        plane_affine(lv.x_affine, lv.x_affine_stride, n, c, &scale, &offset);
+        affine_gradient(scale, T(s[0]), T(s[1]), static_cast<T*>(lv.g_x_affine) + 2 * plane);
       }
-      if (gya) {
-        gya[2 * plane] = T(s[2]);
-        gya[2 * plane + 1] = T(s[3]);
+      if (lv.g_y_affine) {
+        plane_affine(lv.y_affine, lv.y_affine_stride, n, c, &scale, &offset);
+        affine_gradient(scale, T(s[2]), T(s[3]), static_cast<T*>(lv.g_y_affine) + 2 * plane);
       }
     }
   }

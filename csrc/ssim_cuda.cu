@@ -83,7 +83,7 @@ struct TilePlane {
   TileCoord tc;
   const scalar_t* x;  // plane (n, c) of x
   const scalar_t* y;
-  T x_scale, x_shift, y_scale, y_shift;
+  T x_scale, x_offset, y_scale, y_offset;  // x-hat = x_scale * (x - x_offset)
   int64_t h0, w0;     // first pixel of the tile
 };
 
@@ -95,8 +95,8 @@ SSIMKD_DEVICE TilePlane<scalar_t, T> tile_plane(const FusedArgs& a, int64_t tile
   const LevelDesc& lv = *p.lv;
   p.x = static_cast<const scalar_t*>(lv.x) + p.tc.n * lv.x_stride[0] + p.tc.c * lv.x_stride[1];
   p.y = static_cast<const scalar_t*>(lv.y) + p.tc.n * lv.y_stride[0] + p.tc.c * lv.y_stride[1];
-  plane_affine(lv.x_affine, lv.x_affine_stride, p.tc.n, p.tc.c, &p.x_scale, &p.x_shift);
-  plane_affine(lv.y_affine, lv.y_affine_stride, p.tc.n, p.tc.c, &p.y_scale, &p.y_shift);
+  plane_affine(lv.x_affine, lv.x_affine_stride, p.tc.n, p.tc.c, &p.x_scale, &p.x_offset);
+  plane_affine(lv.y_affine, lv.y_affine_stride, p.tc.n, p.tc.c, &p.y_scale, &p.y_offset);
   p.h0 = p.tc.th * side;
   p.w0 = p.tc.tw * side;
   return p;
@@ -117,8 +117,8 @@ SSIMKD_DEVICE void load_centred_region(const Thread& th, const FusedArgs& a, con
     const int64_t c = source_index(col0 + j, lv.W, a.padding);
     T xv = T(0), yv = T(0);  // zero padding: 0 in the normalised space
     if (r >= 0 && c >= 0) {
-      xv = p.x_scale * static_cast<T>(p.x[r * lv.x_stride[2] + c * lv.x_stride[3]]) + p.x_shift;
-      yv = p.y_scale * static_cast<T>(p.y[r * lv.y_stride[2] + c * lv.y_stride[3]]) + p.y_shift;
+      xv = p.x_scale * (static_cast<T>(p.x[r * lv.x_stride[2] + c * lv.x_stride[3]]) - p.x_offset);
+      yv = p.y_scale * (static_cast<T>(p.y[r * lv.y_stride[2] + c * lv.y_stride[3]]) - p.y_offset);
     }
     xs[idx] = xv;
     ys[idx] = yv;
@@ -347,11 +347,11 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
   SSIMKD_SYNC();
 
   // ---- blur back, vertically, and finish: dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c (and the
-  // mirror for y), dL/dx = scale dL/dx-hat; per-thread sums for d scale, d shift of both inputs
+  // mirror for y), dL/dx = scale dL/dx-hat; per-thread sums for d scale, d offset of both inputs
   const T* tap_h = smem + S::kTapH;
   scalar_t* gx = lv.gx ? static_cast<scalar_t*>(lv.gx) + p.tc.n * lv.gx_stride[0] + p.tc.c * lv.gx_stride[1] : nullptr;
   scalar_t* gy = lv.gy ? static_cast<scalar_t*>(lv.gy) + p.tc.n * lv.gy_stride[0] + p.tc.c * lv.gy_stride[1] : nullptr;
-  T sums[4] = {T(0), T(0), T(0), T(0)};  // gx_hat * x, gx_hat, gy_hat * y, gy_hat
+  T sums[4] = {T(0), T(0), T(0), T(0)};  // gx_hat * (x - x_offset), gx_hat, gy_hat * (y - y_offset), gy_hat
   constexpr int u_strips = TILE / kStrip;
   for (int item = th.tid; item < u_strips * TILE; item += th.nthreads) {
     const int u0 = (item / TILE) * kStrip, v = item - (item / TILE) * TILE;
@@ -372,17 +372,17 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
     for (int s = 0; s < kStrip; ++s) {
       const int64_t h = p.h0 + u0 + s;
       if (h >= lv.H) break;
-      const T x_raw = static_cast<T>(p.x[h * lv.x_stride[2] + w * lv.x_stride[3]]);
-      const T y_raw = static_cast<T>(p.y[h * lv.y_stride[2] + w * lv.y_stride[3]]);
-      const T xc = p.x_scale * x_raw + p.x_shift - cx;
-      const T yc = p.y_scale * y_raw + p.y_shift - cy;
+      const T x_rel = static_cast<T>(p.x[h * lv.x_stride[2] + w * lv.x_stride[3]]) - p.x_offset;
+      const T y_rel = static_cast<T>(p.y[h * lv.y_stride[2] + w * lv.y_stride[3]]) - p.y_offset;
+      const T xc = p.x_scale * x_rel - cx;
+      const T yc = p.y_scale * y_rel - cy;
       const T gx_hat = back[0][s] + T(2) * xc * back[1][s] + yc * back[2][s];
-      sums[0] += gx_hat * x_raw;
+      sums[0] += gx_hat * x_rel;
       sums[1] += gx_hat;
       if (gx) gx[h * lv.gx_stride[2] + w * lv.gx_stride[3]] = static_cast<scalar_t>(p.x_scale * gx_hat);
       if (need_y) {
         const T gy_hat = back[3][s] + T(2) * yc * back[4][s] + xc * back[2][s];
-        sums[2] += gy_hat * y_raw;
+        sums[2] += gy_hat * y_rel;
         sums[3] += gy_hat;
         if (gy) gy[h * lv.gy_stride[2] + w * lv.gy_stride[3]] = static_cast<scalar_t>(p.y_scale * gy_hat);
       }
@@ -410,7 +410,7 @@ SSIMKD_DEVICE void level_sum_block(const Thread& th, const FusedArgs& a, int lev
   if (th.tid == 0) static_cast<T*>(a.level_losses)[level] = total[0] * T(lv.loss_scale);
 }
 
-// One thread per plane of a level: its tiles' four sums in order -> d scale, d shift of x and y.
+// One thread per plane of a level: its tiles' four sums in order -> d scale, d offset of x and y.
 template <typename T>
 SSIMKD_DEVICE void plane_sums(const FusedArgs& a, int level, int64_t plane) {
   const LevelDesc& lv = a.levels[level];
@@ -419,13 +419,15 @@ SSIMKD_DEVICE void plane_sums(const FusedArgs& a, int level, int64_t plane) {
   T s[4] = {T(0), T(0), T(0), T(0)};
   for (int64_t t = 0; t < per_plane; ++t)
     for (int k = 0; k < 4; ++k) s[k] += partials[4 * t + k];
+  const int64_t n = plane / lv.C, c = plane % lv.C;
+  T scale, offset;
   if (lv.g_x_affine) {
-    static_cast<T*>(lv.g_x_affine)[2 * plane] = s[0];
-    static_cast<T*>(lv.g_x_affine)[2 * plane + 1] = s[1];
+    plane_affine(lv.x_affine, lv.x_affine_stride, n, c, &scale, &offset);
+    affine_gradient(scale, s[0], s[1], static_cast<T*>(lv.g_x_affine) + 2 * plane);
   }
   if (lv.g_y_affine) {
-    static_cast<T*>(lv.g_y_affine)[2 * plane] = s[2];
-    static_cast<T*>(lv.g_y_affine)[2 * plane + 1] = s[3];
+    plane_affine(lv.y_affine, lv.y_affine_stride, n, c, &scale, &offset);
+    affine_gradient(scale, s[2], s[3], static_cast<T*>(lv.g_y_affine) + 2 * plane);
   }
 }
 

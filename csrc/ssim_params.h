@@ -23,7 +23,7 @@ struct LevelDesc {
   const void* y;            // [N, C, H, W] teacher, input dtype
   int64_t x_stride[4];      // element strides of x (n, c, h, w)
   int64_t y_stride[4];      // element strides of y
-  const void* x_affine;     // [N, C, 2] (scale, shift) of x-hat = scale * x + shift, acc; null = identity
+  const void* x_affine;     // [N, C, 2] (scale, offset) of x-hat = scale * (x - offset), acc; null = identity
   const void* y_affine;     // [N, C, 2] likewise for y
   int64_t x_affine_stride[3];  // element strides of x_affine (n, c, k): broadcast views need no copy
   int64_t y_affine_stride[3];
@@ -35,7 +35,7 @@ struct LevelDesc {
   void* gy;                 // backward: [N, C, H, W] dL/dy, input dtype; null = not needed
   int64_t gx_stride[4];     // element strides of gx
   int64_t gy_stride[4];     // element strides of gy
-  void* g_x_affine;         // backward: [N, C, 2] dL / d(scale, shift) of x, acc; null = not needed
+  void* g_x_affine;         // backward: [N, C, 2] dL / d(scale, offset) of x, acc; null = not needed
   void* g_y_affine;         // backward: [N, C, 2] likewise for y
   int64_t N, C, H, W;       // sizes
   int64_t tiles_h, tiles_w; // tile grid over one plane
@@ -57,8 +57,8 @@ struct FusedArgs {
   double c1, c2;           // SsimParams::c1, c2
   double alpha, beta, gamma;
   bool clamp;
-  void* tile_partials;     // scratch, acc: forward [total_tiles] sums of m; backward [total_tiles, 4]
-                           // sums of (gx_hat * x, gx_hat, gy_hat * y, gy_hat) per tile
+  void* tile_partials;     // scratch, acc: forward [total_tiles] sums of m; backward [total_tiles, 4] sums
+                           // of (gx_hat * (x - x_offset), gx_hat, gy_hat * (y - y_offset), gy_hat) per tile
   void* level_losses;      // forward output: [num_levels] loss_scale * sum of m per level, acc
 };
 
@@ -76,17 +76,26 @@ SSIMKD_HD SsimParams<T> make_ssim_params(const FusedArgs& a) {
   return p;
 }
 
-// (scale, shift) of plane (n, c) of a [N, C, 2] affine with element strides `stride`; identity for null.
+// (scale, offset) of plane (n, c) of a [N, C, 2] affine with element strides `stride`; identity for
+// null. The normalisation is x-hat = scale * (x - offset): subtracting first keeps x-hat exact near the
+// offset (the min), where scale * x + shift would cancel two large roundings when the range is tiny.
 template <typename T>
-SSIMKD_HD void plane_affine(const void* affine, const int64_t* stride, int64_t n, int64_t c, T* scale, T* shift) {
+SSIMKD_HD void plane_affine(const void* affine, const int64_t* stride, int64_t n, int64_t c, T* scale, T* offset) {
   if (affine == nullptr) {
     *scale = T(1);
-    *shift = T(0);
+    *offset = T(0);
     return;
   }
   const T* a = static_cast<const T*>(affine) + n * stride[0] + c * stride[1];
   *scale = a[0];
-  *shift = a[stride[2]];
+  *offset = a[stride[2]];
+}
+
+// dL/d(scale, offset) of one plane from its sums (dL/dx-hat * (x - offset), dL/dx-hat), into g[0..1].
+template <typename T>
+SSIMKD_HD void affine_gradient(T scale, T sum_g_centred, T sum_g, T* g) {
+  g[0] = sum_g_centred;
+  g[1] = -scale * sum_g;
 }
 
 // The gradient of a feature map's per-group minimum and maximum (the min-max normalisation psi),

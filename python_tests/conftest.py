@@ -39,17 +39,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+def backend_available(name: str) -> bool:
+    if name == EMULATED_CUDA:
+        return name in _OP_PAIRS  # built with the extension
+    return name in sk.available_backends()
+
+
 @pytest.fixture(params=FUSED_BACKENDS)
 def backend(request) -> str:
     """Each fused backend that can run here; a missing one is skipped, with the reason."""
-    name = request.param
-    if name == EMULATED_CUDA:
-        if name not in _OP_PAIRS:
-            pytest.skip("the C++ extension is not built")
-        return name
-    if name not in sk.available_backends():
-        pytest.skip(f"backend {name!r} is not available here")
-    return name
+    if not backend_available(request.param):
+        pytest.skip(f"backend {request.param!r} is not available here")
+    return request.param
 
 
 # Plane sizes of an FPN-like level list: tiny (smaller than the window), odd, and one large.

@@ -4,10 +4,11 @@ Every argument is validated here, once, before any kernel runs, with messages th
 the level and the shapes. Then the call goes to the reference (plain PyTorch) or to a fused op
 (ops.py), which takes the min-max normalisation psi as a per-plane affine map applied on load:
 
-    x-hat = (x - min) / (max - min + NORM_EPS) = scale * x + shift,
-    scale = 1 / (max - min + NORM_EPS), shift = -min * scale
+    x-hat = (x - min) / (max - min + NORM_EPS) = scale * (x - offset),
+    scale = 1 / (max - min + NORM_EPS), offset = min
 
-so no normalised copy of a feature map is written; autograd carries d scale, d shift into min/max.
+(the offset form rather than scale * x + shift: it keeps x-hat exact where the range is tiny), so no
+normalised copy of a feature map is written; autograd carries d scale, d offset into min/max.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
 
 
 def _plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
-    """Per-plane (scale, shift) of the min-max normalisation of each feature map, as (N, C, 2) views.
+    """Per-plane (scale, offset) of the min-max normalisation of each feature map, as (N, C, 2) views.
 
     One min/max pass per map (GroupMinMax, whose backward is one fused op); the formula runs once over
     all maps together (few small ops, which is what eager mode pays for), and each result is a
@@ -145,7 +146,7 @@ def _plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
     lows, highs = zip(*(GroupMinMax.apply(f, mode) for f in feats))
     low, high = torch.cat(lows), torch.cat(highs)
     scale = 1.0 / (high - low + NORM_EPS)
-    packed = torch.stack([scale, -low * scale], dim=-1)
+    packed = torch.stack([scale, low], dim=-1)
     keep = {"sample": lambda n, c: (n, 1), "level": lambda n, c: (1, 1), "plane": lambda n, c: (n, c)}[mode]
     sizes = [math.prod(keep(*f.shape[:2])) for f in feats]
     return [

@@ -12,8 +12,8 @@ defined in C++ (csrc/ops.cpp: CPU, and CUDA when compiled) and, with the suffix 
 of the per-pixel loss m = (1 - S) / 2 (clamped when asked): with 1 / (N C H' W') it is the level's
 mean, so no host-side tensor of weights is ever copied to the device. ``maps`` are the SSIM maps,
 written only when ``write_map``.
-``x_affines[l]`` is an (N, C, 2) tensor of (scale, shift), any strides (broadcast views welcome):
-x-hat = scale * x + shift per plane (empty list: identity). The backward takes dL/d level_losses and dL/d maps and recomputes everything
+``x_affines[l]`` is an (N, C, 2) tensor of (scale, offset), any strides (broadcast views welcome):
+x-hat = scale * (x - offset) per plane (empty list: identity). The backward takes dL/d level_losses and dL/d maps and recomputes everything
 from the inputs: nothing but the inputs is saved.
 """
 

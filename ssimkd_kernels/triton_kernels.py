@@ -17,8 +17,8 @@ was written and tested without a GPU (in Triton's interpreter); which design is 
 still to be measured, and DOT_PRECISION ("ieee" exact fp32 by default; "tf32x3" is the tensor-core
 fp32 emulation) is one switch of that study: set SSIMKD_TRITON_DOT.
 
-Numerics follow csrc/ssim_math.h: each tile centres x and y on their normalised values at one pixel of
-the tile before forming moments (exact for any shift; it keeps float32 variances from cancelling).
+Numerics follow csrc/ssim_math.h: each tile centres x and y on the mean of its loaded region before
+forming moments (exact for any shift; it keeps float32 variances from cancelling).
 Reductions are per-tile sums then a fixed-order second stage: no float atomics, bitwise deterministic.
 """
 
@@ -97,7 +97,8 @@ def _find_level(table_ptr, tile, num_levels, COLUMN: tl.constexpr, FIELDS: tl.co
 
 @triton.jit
 def _plane_affine(aff_ptr, off, s_n, s_c, s_k, n, c, HAS_AFFINE: tl.constexpr):
-    """(scale, shift) of plane (n, c) of a level's (N, C, 2) affine; identity without one."""
+    """(scale, offset) of plane (n, c) of a level's (N, C, 2) affine, x-hat = scale * (x - offset);
+    identity without one."""
     if HAS_AFFINE:
         base = aff_ptr + off + n * s_n + c * s_c
         return tl.load(base), tl.load(base + s_k)
@@ -106,8 +107,8 @@ def _plane_affine(aff_ptr, off, s_n, s_c, s_k, n, c, HAS_AFFINE: tl.constexpr):
 
 
 @triton.jit
-def _load_region(ptr, rows, cols, H, W, s_h, s_w, scale, shift, PADDING: tl.constexpr, BLOCK: tl.constexpr):
-    """The normalised region scale * x + shift at plane rows x cols, read through the padding's index
+def _load_region(ptr, rows, cols, H, W, s_h, s_w, scale, offset, PADDING: tl.constexpr, BLOCK: tl.constexpr):
+    """The normalised region scale * (x - offset) at plane rows x cols, read through the padding's index
     map (zero padding reads 0 in the normalised space), centred on its mean; returns (region, mean).
     Any shift keeps the math exact; the region's mean is close to every window's, which keeps the
     float32 variances from cancelling (csrc/ssim_math.h, moments_from_blurred)."""
@@ -115,7 +116,7 @@ def _load_region(ptr, rows, cols, H, W, s_h, s_w, scale, shift, PADDING: tl.cons
     c = _source_index(cols, W, PADDING)
     inside = (r[:, None] >= 0) & (c[None, :] >= 0)
     raw = tl.load(ptr + r[:, None] * s_h + c[None, :] * s_w, mask=inside, other=0.0).to(tl.float32)
-    region = tl.where(inside, scale * raw + shift, 0.0)
+    region = tl.where(inside, scale * (raw - offset), 0.0)
     mean = tl.sum(tl.sum(region, axis=1), axis=0) / (BLOCK * BLOCK)
     return region - mean, mean
 
@@ -254,11 +255,11 @@ def _tile_setup(table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE:
     w0 = (t - (t // tiles_w) * tiles_w) * TILE
     x_plane = x_ptr + tl.load(row + F_X_OFF) + n * tl.load(row + F_XS_N) + c * tl.load(row + F_XS_C)
     y_plane = y_ptr + tl.load(row + F_Y_OFF) + n * tl.load(row + F_YS_N) + c * tl.load(row + F_YS_C)
-    x_scale, x_shift = _plane_affine(xa_ptr, tl.load(row + F_XA_OFF), tl.load(row + F_XA_N), tl.load(row + F_XA_C),
+    x_scale, x_offset = _plane_affine(xa_ptr, tl.load(row + F_XA_OFF), tl.load(row + F_XA_N), tl.load(row + F_XA_C),
                                      tl.load(row + F_XA_K), n, c, HAS_AFFINE)
-    y_scale, y_shift = _plane_affine(ya_ptr, tl.load(row + F_YA_OFF), tl.load(row + F_YA_N), tl.load(row + F_YA_C),
+    y_scale, y_offset = _plane_affine(ya_ptr, tl.load(row + F_YA_OFF), tl.load(row + F_YA_N), tl.load(row + F_YA_C),
                                      tl.load(row + F_YA_K), n, c, HAS_AFFINE)
-    return level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_shift, y_scale, y_shift
+    return level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def _ssim_fwd_kernel(
     # x' = x-hat - cx; S = A1 A2 / (B1 B2) (or l^a c^b s^g); writes the tile's sum of m (and the map).
     TILE: tl.constexpr = BLOCK - 2 * R
     tile = tl.program_id(0)
-    level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_shift, y_scale, y_shift = _tile_setup(
+    level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset = _tile_setup(
         table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE, HAS_AFFINE, FIELDS)
     H = tl.load(row + F_H)
     W = tl.load(row + F_W)
@@ -289,8 +290,8 @@ def _ssim_fwd_kernel(
     # ---- load: the tile plus an r halo, centred
     rows = h0 - R + tl.arange(0, BLOCK)
     cols = w0 - R + tl.arange(0, BLOCK)
-    xr, cx = _load_region(x_plane, rows, cols, H, W, xs_h, xs_w, x_scale, x_shift, PADDING, BLOCK)
-    yr, cy = _load_region(y_plane, rows, cols, H, W, ys_h, ys_w, y_scale, y_shift, PADDING, BLOCK)
+    xr, cx = _load_region(x_plane, rows, cols, H, W, xs_h, xs_w, x_scale, x_offset, PADDING, BLOCK)
+    yr, cy = _load_region(y_plane, rows, cols, H, W, ys_h, ys_w, y_scale, y_offset, PADDING, BLOCK)
 
     # ---- blur: horizontal then vertical banded products, five maps
     band = _band(taps_ptr, R, BLOCK)
@@ -335,10 +336,10 @@ def _ssim_bwd_kernel(
     #   a_x = d (dS/dmu_x - 2 mu'_x dS/dvar_x - mu'_y dS/dcov), b_x = d dS/dvar_x, c = d dS/dcov,
     # blur them back with the true transpose W^T = A_h (.) M_w, and
     #   dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c,  dL/dx = scale_x dL/dx-hat.
-    # Writes the tile's sums of (dL/dx-hat * x, dL/dx-hat, dL/dy-hat * y, dL/dy-hat) for the affine.
+    # Writes the tile's sums of (dL/dx-hat * (x - x_offset), dL/dx-hat, and the same for y) for the affine.
     TILE: tl.constexpr = BLOCK - 4 * R
     tile = tl.program_id(0)
-    level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_shift, y_scale, y_shift = _tile_setup(
+    level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset = _tile_setup(
         table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE, HAS_AFFINE, FIELDS)
     H = tl.load(row + F_H)
     W = tl.load(row + F_W)
@@ -348,8 +349,8 @@ def _ssim_bwd_kernel(
     # ---- load: the tile plus a 2r halo, centred
     rows = h0 - 2 * R + tl.arange(0, BLOCK)
     cols = w0 - 2 * R + tl.arange(0, BLOCK)
-    xr, cx = _load_region(x_plane, rows, cols, H, W, xs_h, xs_w, x_scale, x_shift, PADDING, BLOCK)
-    yr, cy = _load_region(y_plane, rows, cols, H, W, ys_h, ys_w, y_scale, y_shift, PADDING, BLOCK)
+    xr, cx = _load_region(x_plane, rows, cols, H, W, xs_h, xs_w, x_scale, x_offset, PADDING, BLOCK)
+    yr, cy = _load_region(y_plane, rows, cols, H, W, ys_h, ys_w, y_scale, y_offset, PADDING, BLOCK)
 
     # ---- statistics on centres (h0 - r + i, w0 - r + j), valid for i, j < BLOCK - 2r
     band = _band(taps_ptr, R, BLOCK)
@@ -394,10 +395,10 @@ def _ssim_bwd_kernel(
     u = h0 + tl.arange(0, BLOCK)
     v = w0 + tl.arange(0, BLOCK)
     inside = (tl.arange(0, BLOCK)[:, None] < TILE) & (tl.arange(0, BLOCK)[None, :] < TILE) & (u[:, None] < H) & (v[None, :] < W)
-    x_raw = tl.load(x_plane + u[:, None] * xs_h + v[None, :] * xs_w, mask=inside, other=0.0).to(tl.float32)
-    y_raw = tl.load(y_plane + u[:, None] * ys_h + v[None, :] * ys_w, mask=inside, other=0.0).to(tl.float32)
-    x_c = x_scale * x_raw + x_shift - cx
-    y_c = y_scale * y_raw + y_shift - cy
+    x_rel = tl.load(x_plane + u[:, None] * xs_h + v[None, :] * xs_w, mask=inside, other=0.0).to(tl.float32) - x_offset
+    y_rel = tl.load(y_plane + u[:, None] * ys_h + v[None, :] * ys_w, mask=inside, other=0.0).to(tl.float32) - y_offset
+    x_c = x_scale * x_rel - cx
+    y_c = y_scale * y_rel - cy
     sums_ptr = partials_ptr + tile * 4
     if NEED_X:
         g_a = tl.dot(a_h, tl.dot(a_x, m_w, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
@@ -407,7 +408,7 @@ def _ssim_bwd_kernel(
         gx_plane = gx_ptr + tl.load(gx_row + F_GX_OFF) + n * tl.load(gx_row + F_GXS_N) + c * tl.load(gx_row + F_GXS_C)
         gx_ptrs = gx_plane + u[:, None] * tl.load(gx_row + F_GXS_H) + v[None, :] * tl.load(gx_row + F_GXS_W)
         tl.store(gx_ptrs, (x_scale * gx_hat).to(gx_ptr.dtype.element_ty), mask=inside)
-        tl.store(sums_ptr + 0, tl.sum(tl.sum(gx_hat * x_raw, axis=1), axis=0))
+        tl.store(sums_ptr + 0, tl.sum(tl.sum(gx_hat * x_rel, axis=1), axis=0))
         tl.store(sums_ptr + 1, tl.sum(tl.sum(gx_hat, axis=1), axis=0))
     if NEED_Y:
         b_y = tl.where(outputs, d * dS_dvar_y, 0.0)
@@ -419,7 +420,7 @@ def _ssim_bwd_kernel(
         gy_plane = gy_ptr + tl.load(gy_row + F_GY_OFF) + n * tl.load(gy_row + F_GYS_N) + c * tl.load(gy_row + F_GYS_C)
         gy_ptrs = gy_plane + u[:, None] * tl.load(gy_row + F_GYS_H) + v[None, :] * tl.load(gy_row + F_GYS_W)
         tl.store(gy_ptrs, (y_scale * gy_hat).to(gy_ptr.dtype.element_ty), mask=inside)
-        tl.store(sums_ptr + 2, tl.sum(tl.sum(gy_hat * y_raw, axis=1), axis=0))
+        tl.store(sums_ptr + 2, tl.sum(tl.sum(gy_hat * y_rel, axis=1), axis=0))
         tl.store(sums_ptr + 3, tl.sum(tl.sum(gy_hat, axis=1), axis=0))
 
 
@@ -615,12 +616,13 @@ def ssim_bwd_triton(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_
         _plane_sum_kernel[(planes,)](partials_ptr=partials, table_ptr=table, out_ptr=sums, num_levels=len(xs),
                                      CHUNK=64, FIELDS=NUM_FIELDS)
         start = 0
-        for x in xs:
+        for l, x in enumerate(xs):
             count = x.shape[0] * x.shape[1]
             block = sums[start : start + count].view(x.shape[0], x.shape[1], 4)
+            # dL/d(scale, offset) = (sum dL/dx-hat (x - offset), -scale sum dL/dx-hat)
             if x_needs_grad:
-                g_x_affines.append(block[..., 0:2].clone())
+                g_x_affines.append(torch.stack([block[..., 0], -x_affines[l][..., 0] * block[..., 1]], dim=-1))
             if y_needs_grad:
-                g_y_affines.append(block[..., 2:4].clone())
+                g_y_affines.append(torch.stack([block[..., 2], -y_affines[l][..., 0] * block[..., 3]], dim=-1))
             start += count
     return gxs, gys, g_x_affines, g_y_affines
