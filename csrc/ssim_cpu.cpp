@@ -44,15 +44,6 @@ constexpr int kForwardTileH = 32;
 constexpr int kBackwardTileH = 64;
 constexpr int kMaps = 5;  // blurred maps: x, y, x^2, y^2, xy
 
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 // out[j] = sum_k taps[k] * in[j + k * step] for j < n: one pass of the separable blur, horizontal
 // (step 1) or vertical (step = row length).
 template <int R, typename T>
@@ -181,6 +172,21 @@ SSIMKD_INLINE T load_region(const void* base, const int64_t* stride, T scale, T 
     }
   }
   return centre_region(out, int64_t(rows) * cols);
+}
+
+// Load the rows x cols region of x and y from (row0, col0) of the tile's plane into ws.x / ws.y,
+// normalised and centred; returns the plane's normalisation and the centring shifts.
+template <typename scalar_t, typename T>
+SSIMKD_INLINE TileInputs<T> load_tile(const LevelDesc& lv, const TileCoord& tc, int padding, int64_t row0,
+                                      int64_t col0, int rows, int cols, Workspace<T>& ws) {
+  source_indices(row0, rows, lv.H, padding, ws.src_row);
+  source_indices(col0, cols, lv.W, padding, ws.src_col);
+  TileInputs<T> in = plane_inputs<T>(lv, tc);
+  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_offset, tc, ws.src_row, ws.src_col, rows, cols,
+                                ws.x.data());
+  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_offset, tc, ws.src_row, ws.src_col, rows, cols,
+                                ws.y.data());
+  return in;
 }
 
 // The five product rows x, y, x^2, y^2, xy of one region row.
@@ -340,10 +346,10 @@ void reserve(Workspace<T>& ws, int radius, int tile_h, int tile_w) {
 // Forward: one tile -> its sum of m (and its part of the SSIM map)
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, int R>
-SSIMKD_CPU_CLONES void forward_tile(const FusedArgs& a, int64_t tile, Workspace<typename Acc<scalar_t>::type>& ws,
-                                    const typename Acc<scalar_t>::type* taps,
-                                    typename Acc<scalar_t>::type* tile_sum) {
-  using T = typename Acc<scalar_t>::type;
+SSIMKD_CPU_CLONES void forward_tile(const FusedArgs& a, int64_t tile, Workspace<AccType<scalar_t>>& ws,
+                                    const AccType<scalar_t>* taps,
+                                    AccType<scalar_t>* tile_sum) {
+  using T = AccType<scalar_t>;
   const TileCoord tc = locate_tile(a, tile);
   const LevelDesc& lv = a.levels[tc.level];
   const SsimParams<T> params = make_ssim_params<T>(a);
@@ -353,13 +359,7 @@ SSIMKD_CPU_CLONES void forward_tile(const FusedArgs& a, int64_t tile, Workspace<
   const int rows = oh + 2 * R, cols = ow + 2 * R;
 
   // Stage 1: load the tile plus an r halo.
-  source_indices(h0 - R, rows, lv.H, a.padding, ws.src_row);
-  source_indices(w0 - R, cols, lv.W, a.padding, ws.src_col);
-  TileInputs<T> in = plane_inputs<T>(lv, tc);
-  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_offset, tc, ws.src_row, ws.src_col, rows, cols,
-                                ws.x.data());
-  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_offset, tc, ws.src_row, ws.src_col, rows, cols,
-                                ws.y.data());
+  const TileInputs<T> in = load_tile<scalar_t>(lv, tc, a.padding, h0 - R, w0 - R, rows, cols, ws);
 
   // Stage 2: horizontal pass.
   horizontal_pass<R>(ws, rows, cols, taps);
@@ -393,10 +393,10 @@ SSIMKD_CPU_CLONES void forward_tile(const FusedArgs& a, int64_t tile, Workspace<
 // Backward: one tile of dL/dx (and dL/dy), with its per-plane affine-gradient partial sums
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, int R>
-SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, int64_t tile, Workspace<typename Acc<scalar_t>::type>& ws,
-                                     const typename Acc<scalar_t>::type* taps,
-                                     typename Acc<scalar_t>::type* partial) {
-  using T = typename Acc<scalar_t>::type;
+SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, int64_t tile, Workspace<AccType<scalar_t>>& ws,
+                                     const AccType<scalar_t>* taps,
+                                     AccType<scalar_t>* partial) {
+  using T = AccType<scalar_t>;
   constexpr int K = 2 * R + 1;
   const TileCoord tc = locate_tile(a, tile);
   const LevelDesc& lv = a.levels[tc.level];
@@ -409,14 +409,8 @@ SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, int64_t tile, Workspace
   const int sh = oh + 2 * R, sw = ow + 2 * R;  // statistics region: centres within r of the tile
   const int lh = oh + 4 * R, lw = ow + 4 * R;  // loaded region: tile plus a 2r halo
 
-  // Stage 1: load.
-  source_indices(h0 - 2 * R, lh, lv.H, a.padding, ws.src_row);
-  source_indices(w0 - 2 * R, lw, lv.W, a.padding, ws.src_col);
-  TileInputs<T> in = plane_inputs<T>(lv, tc);
-  in.cx = load_region<scalar_t>(lv.x, lv.x_stride, in.x_scale, in.x_offset, tc, ws.src_row, ws.src_col, lh, lw,
-                                ws.x.data());
-  in.cy = load_region<scalar_t>(lv.y, lv.y_stride, in.y_scale, in.y_offset, tc, ws.src_row, ws.src_col, lh, lw,
-                                ws.y.data());
+  // Stage 1: load the tile plus a 2r halo.
+  const TileInputs<T> in = load_tile<scalar_t>(lv, tc, a.padding, h0 - 2 * R, w0 - 2 * R, lh, lw, ws);
 
   // Stage 2: statistics on tile + r, and the coefficient maps a, b, c there (0 off the outputs).
   horizontal_pass<R>(ws, lh, lw, taps);
@@ -533,7 +527,7 @@ void taps_as(const FusedArgs& a, T* taps) {
 
 template <typename scalar_t, int R>
 void forward_impl(const FusedArgs& a) {
-  using T = typename Acc<scalar_t>::type;
+  using T = AccType<scalar_t>;
   T taps[kMaxWindow];
   taps_as(a, taps);
   T* partials = static_cast<T*>(a.tile_partials);
@@ -551,7 +545,7 @@ void forward_impl(const FusedArgs& a) {
 
 template <typename scalar_t, int R>
 void backward_impl(const FusedArgs& a) {
-  using T = typename Acc<scalar_t>::type;
+  using T = AccType<scalar_t>;
   T taps[kMaxWindow];
   taps_as(a, taps);
   T* partials = static_cast<T*>(a.tile_partials);
@@ -618,7 +612,7 @@ struct BackwardFn {
 
 template <typename scalar_t>
 void minmax_grad_impl(const MinMaxGradArgs& a) {
-  using T = typename Acc<scalar_t>::type;
+  using T = AccType<scalar_t>;
   const T* low = static_cast<const T*>(a.low);
   const T* high = static_cast<const T*>(a.high);
   const T* g_low = static_cast<const T*>(a.g_low);

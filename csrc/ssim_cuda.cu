@@ -41,15 +41,6 @@ namespace cuda_detail {
 constexpr int kThreads = 256;  // threads per block (a power of two: the tree reductions need it)
 constexpr int kStrip = 4;      // outputs per work item along a pass: each loaded value serves several
 
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 // Output tile side: 32, or 16 for float64, whose backward buffers would not fit at 32 (R = 7).
 template <typename T>
 constexpr int tile_side() {
@@ -198,8 +189,8 @@ struct ForwardSmem {
 
 template <typename scalar_t, int R>
 SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t tile,
-                                 typename Acc<scalar_t>::type* smem) {
-  using T = typename Acc<scalar_t>::type;
+                                 AccType<scalar_t>* smem) {
+  using T = AccType<scalar_t>;
   constexpr int TILE = tile_side<T>();
   using S = ForwardSmem<T, R, TILE>;
   const TilePlane<scalar_t, T> p = tile_plane<scalar_t, T>(a, tile, TILE);
@@ -264,8 +255,8 @@ struct BackwardSmem {
 
 template <typename scalar_t, int R>
 SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t tile,
-                                  typename Acc<scalar_t>::type* smem) {
-  using T = typename Acc<scalar_t>::type;
+                                  AccType<scalar_t>* smem) {
+  using T = AccType<scalar_t>;
   constexpr int TILE = tile_side<T>();
   using S = BackwardSmem<T, R, TILE>;
   constexpr int K = S::K;
@@ -503,7 +494,7 @@ void ssim_fwd_cuda_emulated(const FusedArgs& args) {
   using namespace cuda_detail;
   if (args.total_tiles == 0) return;
   dispatch(args, [&]<typename scalar_t, int R>() {
-    using T = typename Acc<scalar_t>::type;
+    using T = AccType<scalar_t>;
     const Thread one{0, 1};
     run_blocks<T>(args.total_tiles, smem_bytes<T>(R, false),
                   [&](int64_t tile, T* smem) { forward_block<scalar_t, R>(one, args, tile, smem); });
@@ -516,7 +507,7 @@ void ssim_bwd_cuda_emulated(const FusedArgs& args) {
   using namespace cuda_detail;
   if (args.total_tiles == 0) return;
   dispatch(args, [&]<typename scalar_t, int R>() {
-    using T = typename Acc<scalar_t>::type;
+    using T = AccType<scalar_t>;
     const Thread one{0, 1};
     run_blocks<T>(args.total_tiles, smem_bytes<T>(R, true),
                   [&](int64_t tile, T* smem) { backward_block<scalar_t, R>(one, args, tile, smem); });
@@ -534,7 +525,7 @@ namespace cuda_detail {
 template <typename scalar_t, int R>
 __global__ void __launch_bounds__(kThreads) ssim_fwd_kernel(const __grid_constant__ FusedArgs args) {
   extern __shared__ unsigned char smem_raw[];
-  using T = typename Acc<scalar_t>::type;
+  using T = AccType<scalar_t>;
   forward_block<scalar_t, R>(Thread{int(threadIdx.x), int(blockDim.x)}, args, int64_t(blockIdx.x),
                              reinterpret_cast<T*>(smem_raw));
 }
@@ -542,7 +533,7 @@ __global__ void __launch_bounds__(kThreads) ssim_fwd_kernel(const __grid_constan
 template <typename scalar_t, int R>
 __global__ void __launch_bounds__(kThreads) ssim_bwd_kernel(const __grid_constant__ FusedArgs args) {
   extern __shared__ unsigned char smem_raw[];
-  using T = typename Acc<scalar_t>::type;
+  using T = AccType<scalar_t>;
   backward_block<scalar_t, R>(Thread{int(threadIdx.x), int(blockDim.x)}, args, int64_t(blockIdx.x),
                               reinterpret_cast<T*>(smem_raw));
 }
@@ -562,7 +553,7 @@ __global__ void __launch_bounds__(kThreads) plane_sum_kernel(const __grid_consta
 // ---- the min/max gradient of the normalisation (MinMaxGradArgs): count ties, then write
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) minmax_count_kernel(const MinMaxGradArgs a, int64_t first_plane) {
-  using T = typename Acc<scalar_t>::type;
+  using T = AccType<scalar_t>;
   const int64_t plane = first_plane + blockIdx.y;
   const int64_t n = plane / a.C, c = plane % a.C, g = group_of_plane(a.group, n, c, a.C);
   const scalar_t* x = static_cast<const scalar_t*>(a.x) + n * a.x_stride[0] + c * a.x_stride[1];
@@ -581,7 +572,7 @@ __global__ void __launch_bounds__(kThreads) minmax_count_kernel(const MinMaxGrad
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) minmax_write_kernel(const MinMaxGradArgs a) {
-  using T = typename Acc<scalar_t>::type;
+  using T = AccType<scalar_t>;
   const int64_t total = a.N * a.C * a.H * a.W;
   const int64_t* counts = static_cast<const int64_t*>(a.counts);
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -618,7 +609,7 @@ void ssim_fwd_cuda(const FusedArgs& args, void* stream_ptr) {
   if (args.total_tiles == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   dispatch(args, [&]<typename scalar_t, int R>() {
-    using T = typename Acc<scalar_t>::type;
+    using T = AccType<scalar_t>;
     launch_tiles(ssim_fwd_kernel<scalar_t, R>, args, smem_bytes<T>(R, false), stream);
     level_sum_kernel<T><<<unsigned(args.num_levels), kThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -657,7 +648,7 @@ void ssim_bwd_cuda(const FusedArgs& args, void* stream_ptr) {
   if (args.total_tiles == 0) return;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   dispatch(args, [&]<typename scalar_t, int R>() {
-    using T = typename Acc<scalar_t>::type;
+    using T = AccType<scalar_t>;
     launch_tiles(ssim_bwd_kernel<scalar_t, R>, args, smem_bytes<T>(R, true), stream);
     for (int l = 0; l < args.num_levels; ++l) {
       const LevelDesc& lv = args.levels[l];

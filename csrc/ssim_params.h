@@ -15,6 +15,18 @@ constexpr int kMaxLevelsPerLaunch = 8;
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// The accumulation type of an input type: float, or double for double inputs.
+template <typename scalar_t>
+struct Accumulation {
+  using type = float;
+};
+template <>
+struct Accumulation<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using AccType = typename Accumulation<scalar_t>::type;
+
 // One FPN level: a batch of N * C planes of H x W. Pointers are raw; strides are in elements, so
 // channels_last and sliced inputs are read in place. "acc" = the accumulation type (float, or double
 // for float64 inputs); outputs are written as the declared dtype.

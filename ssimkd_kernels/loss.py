@@ -201,18 +201,7 @@ def ssim_map(
     Example:
         >>> m = ssim_map(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
     """
-    _check_window_options(window_size, sigma, data_range, k1, k2, padding, exponents)
-    _, (x,), (y,) = _check_levels(x, y, window_size, padding)
-    chosen = resolve_backend(backend, x.device)
-    if chosen == "reference":
-        return reference.ssim_map_reference(
-            x, y, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
-            padding=padding, exponents=tuple(exponents),
-        )
-    dtype = _common_dtype([x, y])
-    options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp=False)
-    _, maps = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [0.0], options, write_map=True)
-    return maps[0]
+    return _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduce=False)
 
 
 def ssim(
@@ -234,16 +223,25 @@ def ssim(
         >>> x = torch.rand(2, 3, 64, 64)
         >>> ssim(x, x)  # tensor(1.)
     """
+    return _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduce=True)
+
+
+def _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, *, reduce: bool) -> Tensor:
+    """ssim (reduce=True: the mean) and ssim_map (the map), validated, on the chosen backend."""
     _check_window_options(window_size, sigma, data_range, k1, k2, padding, exponents)
     _, (x,), (y,) = _check_levels(x, y, window_size, padding)
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
-        return reference.ssim_map_reference(
+        smap = reference.ssim_map_reference(
             x, y, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
             padding=padding, exponents=tuple(exponents),
-        ).mean()
+        )
+        return smap.mean() if reduce else smap
     dtype = _common_dtype([x, y])
     options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp=False)
+    if not reduce:
+        _, maps = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [0.0], options, write_map=True)
+        return maps[0]
     # The kernel reduces m = (1 - S) / 2; unclamped, mean S = 1 - 2 mean m.
     scale = 1.0 / _output_count(x.shape, window_size, padding)
     losses, _ = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [scale], options)

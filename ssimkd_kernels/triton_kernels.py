@@ -262,6 +262,30 @@ def _tile_setup(table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE:
     return level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset
 
 
+@triton.jit
+def _region_statistics(row, x_plane, y_plane, h0, w0, HALO, x_scale, x_offset, y_scale, y_offset, taps_ptr,
+                       R: tl.constexpr, PADDING: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Load the BLOCK x BLOCK region from (h0 - HALO, w0 - HALO), centre it, and blur: the centred
+    moments mu'_x, mu'_y, var_x, var_y, cov at window centres (h0 - HALO + r + i, w0 - HALO + r + j),
+    valid for i, j < BLOCK - 2r; plus the centring shifts cx, cy and the plane's H, W."""
+    H = tl.load(row + F_H)
+    W = tl.load(row + F_W)
+    rows = h0 - HALO + tl.arange(0, BLOCK)
+    cols = w0 - HALO + tl.arange(0, BLOCK)
+    xr, cx = _load_region(x_plane, rows, cols, H, W, tl.load(row + F_XS_H), tl.load(row + F_XS_W), x_scale, x_offset,
+                          PADDING, BLOCK)
+    yr, cy = _load_region(y_plane, rows, cols, H, W, tl.load(row + F_YS_H), tl.load(row + F_YS_W), y_scale, y_offset,
+                          PADDING, BLOCK)
+    band = _band(taps_ptr, R, BLOCK)
+    band_t = tl.trans(band)
+    mu_x = _blur(xr, band, band_t, DOT_PRECISION)
+    mu_y = _blur(yr, band, band_t, DOT_PRECISION)
+    var_x = _blur(xr * xr, band, band_t, DOT_PRECISION) - mu_x * mu_x
+    var_y = _blur(yr * yr, band, band_t, DOT_PRECISION) - mu_y * mu_y
+    cov = _blur(xr * yr, band, band_t, DOT_PRECISION) - mu_x * mu_y
+    return mu_x, mu_y, var_x, var_y, cov, cx, cy, H, W
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -282,25 +306,10 @@ def _ssim_fwd_kernel(
     tile = tl.program_id(0)
     level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset = _tile_setup(
         table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE, HAS_AFFINE, FIELDS)
-    H = tl.load(row + F_H)
-    W = tl.load(row + F_W)
-    xs_h, xs_w = tl.load(row + F_XS_H), tl.load(row + F_XS_W)
-    ys_h, ys_w = tl.load(row + F_YS_H), tl.load(row + F_YS_W)
-
-    # ---- load: the tile plus an r halo, centred
-    rows = h0 - R + tl.arange(0, BLOCK)
-    cols = w0 - R + tl.arange(0, BLOCK)
-    xr, cx = _load_region(x_plane, rows, cols, H, W, xs_h, xs_w, x_scale, x_offset, PADDING, BLOCK)
-    yr, cy = _load_region(y_plane, rows, cols, H, W, ys_h, ys_w, y_scale, y_offset, PADDING, BLOCK)
-
-    # ---- blur: horizontal then vertical banded products, five maps
-    band = _band(taps_ptr, R, BLOCK)
-    band_t = tl.trans(band)
-    mu_x = _blur(xr, band, band_t, DOT_PRECISION)
-    mu_y = _blur(yr, band, band_t, DOT_PRECISION)
-    var_x = _blur(xr * xr, band, band_t, DOT_PRECISION) - mu_x * mu_x
-    var_y = _blur(yr * yr, band, band_t, DOT_PRECISION) - mu_y * mu_y
-    cov = _blur(xr * yr, band, band_t, DOT_PRECISION) - mu_x * mu_y
+    # ---- load the tile plus an r halo, centre it, blur: horizontal then vertical banded products
+    mu_x, mu_y, var_x, var_y, cov, cx, cy, H, W = _region_statistics(
+        row, x_plane, y_plane, h0, w0, R, x_scale, x_offset, y_scale, y_offset, taps_ptr, R, PADDING, BLOCK,
+        DOT_PRECISION)
 
     # ---- terms: SSIM per centre, m, the tile's sum
     S, _, _, _, _, _ = _ssim_and_partials(mu_x + cx, mu_y + cy, var_x, var_y, cov, c1, c2, alpha, beta, gamma,
@@ -341,25 +350,10 @@ def _ssim_bwd_kernel(
     tile = tl.program_id(0)
     level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset = _tile_setup(
         table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE, HAS_AFFINE, FIELDS)
-    H = tl.load(row + F_H)
-    W = tl.load(row + F_W)
-    xs_h, xs_w = tl.load(row + F_XS_H), tl.load(row + F_XS_W)
-    ys_h, ys_w = tl.load(row + F_YS_H), tl.load(row + F_YS_W)
-
-    # ---- load: the tile plus a 2r halo, centred
-    rows = h0 - 2 * R + tl.arange(0, BLOCK)
-    cols = w0 - 2 * R + tl.arange(0, BLOCK)
-    xr, cx = _load_region(x_plane, rows, cols, H, W, xs_h, xs_w, x_scale, x_offset, PADDING, BLOCK)
-    yr, cy = _load_region(y_plane, rows, cols, H, W, ys_h, ys_w, y_scale, y_offset, PADDING, BLOCK)
-
-    # ---- statistics on centres (h0 - r + i, w0 - r + j), valid for i, j < BLOCK - 2r
-    band = _band(taps_ptr, R, BLOCK)
-    band_t = tl.trans(band)
-    mu_x = _blur(xr, band, band_t, DOT_PRECISION)
-    mu_y = _blur(yr, band, band_t, DOT_PRECISION)
-    var_x = _blur(xr * xr, band, band_t, DOT_PRECISION) - mu_x * mu_x
-    var_y = _blur(yr * yr, band, band_t, DOT_PRECISION) - mu_y * mu_y
-    cov = _blur(xr * yr, band, band_t, DOT_PRECISION) - mu_x * mu_y
+    # ---- load the tile plus a 2r halo, centre it; statistics on centres (h0 - r + i, w0 - r + j)
+    mu_x, mu_y, var_x, var_y, cov, cx, cy, H, W = _region_statistics(
+        row, x_plane, y_plane, h0, w0, 2 * R, x_scale, x_offset, y_scale, y_offset, taps_ptr, R, PADDING, BLOCK,
+        DOT_PRECISION)
     S, dS_dmu_x, dS_dmu_y, dS_dvar_x, dS_dvar_y, dS_dcov = _ssim_and_partials(
         mu_x + cx, mu_y + cy, var_x, var_y, cov, c1, c2, alpha, beta, gamma, EPS_SIGMA, DEFAULT_EXPONENTS, True,
         KINDS, ODDS)
@@ -395,8 +389,10 @@ def _ssim_bwd_kernel(
     u = h0 + tl.arange(0, BLOCK)
     v = w0 + tl.arange(0, BLOCK)
     inside = (tl.arange(0, BLOCK)[:, None] < TILE) & (tl.arange(0, BLOCK)[None, :] < TILE) & (u[:, None] < H) & (v[None, :] < W)
-    x_rel = tl.load(x_plane + u[:, None] * xs_h + v[None, :] * xs_w, mask=inside, other=0.0).to(tl.float32) - x_offset
-    y_rel = tl.load(y_plane + u[:, None] * ys_h + v[None, :] * ys_w, mask=inside, other=0.0).to(tl.float32) - y_offset
+    x_ptrs = x_plane + u[:, None] * tl.load(row + F_XS_H) + v[None, :] * tl.load(row + F_XS_W)
+    y_ptrs = y_plane + u[:, None] * tl.load(row + F_YS_H) + v[None, :] * tl.load(row + F_YS_W)
+    x_rel = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32) - x_offset
+    y_rel = tl.load(y_ptrs, mask=inside, other=0.0).to(tl.float32) - y_offset
     x_c = x_scale * x_rel - cx
     y_c = y_scale * y_rel - cy
     sums_ptr = partials_ptr + tile * 4
