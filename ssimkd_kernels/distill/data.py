@@ -25,6 +25,11 @@ class DataError(RuntimeError):
     """An image or annotation file that cannot be read; the message names the file."""
 
 
+# What the loader reads from each entry of an instances json.
+_REQUIRED_FIELDS = {"images": ("id", "file_name"), "annotations": ("image_id", "category_id", "bbox"),
+                    "categories": ("id", "name")}
+
+
 def _load_annotations(path: Path) -> dict:
     """The parsed instances json, checked for the keys the loader needs."""
     try:
@@ -39,17 +44,14 @@ def _load_annotations(path: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"annotation file {path}: missing or malformed {key!r} list")
-    try:
-        for image in coco["images"]:
-            image["id"], image["file_name"]
-        for ann in coco["annotations"]:
-            ann["image_id"], ann["category_id"]
-            if len(ann["bbox"]) != 4:
-                raise ValueError(f"bbox {ann['bbox']!r} of annotation {ann.get('id')} is not [x, y, w, h]")
-        for cat in coco["categories"]:
-            cat["id"], cat["name"]
-    except (KeyError, TypeError, ValueError) as error:
-        raise DataError(f"annotation file {path}: malformed entry ({type(error).__name__}: {error})") from error
+    for key, fields in _REQUIRED_FIELDS.items():
+        for position, entry in enumerate(coco[key]):
+            missing = [name for name in fields if not isinstance(entry, dict) or name not in entry]
+            if missing:
+                raise DataError(f"annotation file {path}: {key}[{position}] lacks {missing}")
+    for position, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
+            raise DataError(f"annotation file {path}: annotations[{position}] bbox {ann['bbox']!r} is not [x, y, w, h]")
     return coco
 
 

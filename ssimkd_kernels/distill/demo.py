@@ -10,7 +10,6 @@ demo-smoke (a couple of minutes on 2 CPU cores), demo (the default, under 30), d
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import time
@@ -26,20 +25,28 @@ from .train import resolve_device, train
 PRESETS = {"smoke": "demo-smoke", "default": "demo", "gpu": "demo-gpu"}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
+def _mean_std(values: list) -> tuple[float, float]:
+    """Mean and sample standard deviation, skipping None (a COCO metric without ground truth)."""
+    values = [v for v in values if v is not None]
     if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _fmt(value, width: int = 6) -> str:
+    return f"{'n/a' if value is None else f'{value:.1f}':>{width}}"
 
 
 def _feature_loss_seconds(config, student_file: Path) -> float:
-    """Seconds of one forward + backward of the feature loss alone, on one training batch's real FPN outputs."""
+    """Seconds of one forward + backward of the feature loss alone, on one training batch's real FPN
+    outputs, in the precision training used (autocast on GPUs)."""
     from .data import build_dataset, collate
     from .kd import Distiller, build_feature_loss, time_feature_loss
     from .models import freeze, load_detector
+    from .train import amp_dtype
 
     device = resolve_device(config.train.device)
+    dtype = amp_dtype(config.train.amp, device)
     student, _ = load_detector(student_file, device)
     teacher, _ = load_detector(config.kd.teacher, device)
     feature_loss = build_feature_loss(config.kd, student_channels=student.backbone.out_channels,
@@ -48,8 +55,9 @@ def _feature_loss_seconds(config, student_file: Path) -> float:
     distiller = Distiller(student, feature_loss, freeze(teacher))
     dataset = build_dataset(ensure_dataset(config.data), "train", config.data, seed=config.train.seed)
     images, _ = collate([dataset[i] for i in range(min(config.train.batch_size, len(dataset)))])
-    student_feats, teacher_feats = distiller.capture_features([image.to(device) for image in images])
-    return time_feature_loss(feature_loss, student_feats, teacher_feats)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        student_feats, teacher_feats = distiller.capture_features([image.to(device) for image in images])
+        return time_feature_loss(feature_loss, student_feats, teacher_feats)
 
 
 def _table(results: dict) -> str:
@@ -58,22 +66,22 @@ def _table(results: dict) -> str:
     lines = [f"{'mode':<6} {'AP':>12} {'AP50':>6} {'AP75':>6} {'APs':>6} {'APm':>6} {'vs none':>8} "
              f"{'step s':>7} {'teacher':>8} {'feat loss':>9}"]
     teacher = results["teacher"]
-    lines.append(f"{'teacher':<6} {teacher['AP']:>12.1f} {teacher['AP50']:>6.1f} {teacher['AP75']:>6.1f} "
-                 f"{teacher['APs']:>6.1f} {teacher['APm']:>6.1f}  (R{teacher['depth']})")
-    base = results["modes"].get("none", {}).get("AP", math.nan)
+    lines.append(f"{'teacher':<6} {_fmt(teacher['AP'], 12)} " + " ".join(_fmt(teacher[k]) for k in ("AP50", "AP75", "APs", "APm"))
+                 + f"  (R{teacher['depth']})")
+    base = results["modes"].get("none", {}).get("AP")
     for mode, row in results["modes"].items():
-        ap = f"{row['AP']:.1f}" + (f" ± {row['AP_std']:.1f}" if seeds > 1 else "")
-        delta = "" if mode == "none" or math.isnan(base) else f"{row['AP'] - base:+.1f}"
-        share = lambda key: "-" if row.get(key) is None else f"{100 * row[key]:.1f}%"  # noqa: E731
-        m = row["metrics"]
-        lines.append(f"{mode:<6} {ap:>12} {m['AP50']:>6.1f} {m['AP75']:>6.1f} {m['APs']:>6.1f} {m['APm']:>6.1f} "
-                     f"{delta:>8} {row['time_step']:>7.3f} {share('teacher_share'):>8} {share('feature_loss_share'):>9}")
+        ap = f"{row['AP']:.1f}" + (f" ± {row['AP_std']:.1f}" if row["AP_std"] is not None else "")
+        delta = "" if mode == "none" or base is None else f"{row['AP'] - base:+.1f}"
+        shares = ["-" if row[key] is None else f"{100 * row[key]:.1f}%" for key in ("teacher_share", "feature_loss_share")]
+        lines.append(f"{mode:<6} {ap:>12} " + " ".join(_fmt(row["metrics"][k]) for k in ("AP50", "AP75", "APs", "APm"))
+                     + f" {delta:>8} {row['time_step']:>7.3f} {shares[0]:>8} {shares[1]:>9}")
     lines.append(f"AP: COCO box AP on val, mean ± sample std over {seeds} seed(s); 'teacher' and 'feat loss': "
                  "share of the student's step time spent in the teacher's forward and in the feature loss "
                  "(forward + backward)")
     for name, pair in results["paired"].items():
         per_seed = ", ".join(f"{d:+.1f}" for d in pair["per_seed"])
-        lines.append(f"paired {name}: {pair['mean']:+.2f} AP (per seed: {per_seed})")
+        spread = "" if pair["std"] is None else f" ± {pair['std']:.2f}"
+        lines.append(f"paired {name}: {pair['mean']:+.2f}{spread} AP (per seed: {per_seed})")
     return "\n".join(lines)
 
 
@@ -129,7 +137,7 @@ def run_demo(preset: str = "default", out="runs/demo", overrides=(), *, progress
                "metrics": {k: _mean_std([s["eval"][k] for s in summaries])[0] for k in METRICS},
                "teacher_share": None, "feature_loss_share": None}
         if mode != "none":
-            row["teacher_share"] = statistics.fmean(s.get("time_teacher", math.nan) for s in summaries) / step_time
+            row["teacher_share"] = statistics.fmean(s["time_teacher"] for s in summaries) / step_time
             row["feature_loss_share"] = summaries[0]["feature_loss_seconds"] / step_time
         results["modes"][mode] = row
     # Same seed = same initialisation and data order, so per-seed differences pair up.
@@ -137,7 +145,8 @@ def run_demo(preset: str = "default", out="runs/demo", overrides=(), *, progress
     for a, b in (("ssim", "l2"), ("ssim", "none"), ("l2", "none"), ("l1", "none")):
         if a in runs and b in runs:
             diffs = [x["eval"]["AP"] - y["eval"]["AP"] for x, y in zip(runs[a], runs[b])]
-            results["paired"][f"{a} - {b}"] = {"mean": statistics.fmean(diffs), "per_seed": diffs}
+            mean, std = _mean_std(diffs)
+            results["paired"][f"{a} - {b}"] = {"mean": mean, "std": std, "per_seed": diffs}
     results["wall_time_s"] = time.perf_counter() - started
     results["environment"] = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                               "python": platform.python_version(), "machine": platform.machine()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -68,8 +67,8 @@ def _coco_api():
 def coco_map(annotation_file, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
     """COCO box AP, AP50, AP75, APs, APm, APl (in percent) of detections over image_ids.
 
-    A metric with no ground truth in its range (e.g. APl when no object is large) is NaN, as COCO's
-    -1; with no detections at all every metric is 0.
+    A metric with no ground truth in its range (e.g. APl when no object is large; COCO's -1) is
+    None; with no detections at all every metric is 0.
     """
     if not image_ids:
         raise ValueError("no image was evaluated")
@@ -84,7 +83,7 @@ def coco_map(annotation_file, detections: list[dict], image_ids: list[int]) -> d
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: (100.0 * float(v) if v >= 0 else math.nan) for name, v in zip(METRICS, evaluator.stats[:6])}
+    return {name: (100.0 * float(v) if v >= 0 else None) for name, v in zip(METRICS, evaluator.stats[:6])}
 
 
 def evaluate_detector(model: nn.Module, dataset, *, batch_size: int, max_images: int = 0, device=None,
@@ -102,7 +101,7 @@ def evaluate_detector(model: nn.Module, dataset, *, batch_size: int, max_images:
 
 
 def format_metrics(metrics: dict) -> str:
-    return "  ".join(f"{name} {metrics[name]:.1f}" for name in METRICS if name in metrics)
+    return "  ".join(f"{name} {'n/a' if metrics[name] is None else f'{metrics[name]:.1f}'}" for name in METRICS)
 
 
 def run_eval(checkpoint, config_overrides=(), *, out_json=None, progress: bool = True) -> dict[str, float]:
