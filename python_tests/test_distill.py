@@ -301,7 +301,7 @@ def test_adapters_bridge_different_fpn_widths(mode, data_root, teachers, tmp_pat
 
 
 def _losses(records):
-    return [{k: v for k, v in r.items() if not k.startswith("time") and k != "images_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if not k.startswith(("time", "mem_")) and k != "images_per_s"} for r in records]
 
 
 @pytest.mark.parametrize("family, mode", [("faster_rcnn", "ssim"), ("retinanet", "l2")])
@@ -325,6 +325,80 @@ def test_resume_continues_exactly(family, mode, data_root, teachers, tmp_path):
     different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
     assert _losses(read_metrics(tmp_path / "straight")) == _losses(read_metrics(tmp_path / "resumed"))
+
+
+_DIE_WHILE_SAVING = """
+import os, signal, sys, torch
+from ssimkd_kernels.distill.config import load_config
+from ssimkd_kernels.distill.train import train
+
+real_save, saves = torch.save, 0
+
+def save_then_die_halfway(obj, f, *args, **kwargs):
+    global saves
+    saves += 1
+    if saves == int(sys.argv[1]):  # this checkpoint: half a file on disk, then SIGKILL
+        f.write(b"PK\\x03\\x04 truncated")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+
+torch.save = save_then_die_halfway
+train(load_config(None, sys.argv[2:]))
+"""
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_last_good_one(data_root, teachers, tmp_path):
+    """SIGKILL in the middle of the second checkpoint's write (step 4 of 6): checkpoint.pt still holds
+    step 2, and resuming from it ends with the same weights and logs as a run never interrupted."""
+    common = TINY + [f"data.root={data_root}", "kd.mode=ssim", f"kd.teacher={teachers['faster_rcnn']}",
+                     "model.family=faster_rcnn", "train.steps=6", "train.checkpoint_every=2"]
+    train(cfg.load_config(None, common + [f"train.out={tmp_path / 'straight'}"]))
+    out = tmp_path / "killed"
+    script = tmp_path / "die_while_saving.py"
+    script.write_text(_DIE_WHILE_SAVING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), "2", *common, f"train.out={out}"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert list(out.glob(".checkpoint.pt.*.tmp")), "the fault was not injected during the write"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+    from ssimkd_kernels.distill.train import run_train
+
+    summary = run_train(overrides=[], resume=out / "checkpoint.pt")
+    assert summary["resumed_from"] == 2
+    assert not list(out.glob(".checkpoint.pt.*.tmp"))  # the dead writer's half file is cleaned up
+    straight = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
+    resumed = torch.load(out / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert _losses(read_metrics(tmp_path / "straight")) == _losses(read_metrics(out))
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_state(data_root, tmp_path, monkeypatch):
+    """A non-finite loss at step 3 stops training with a message, and checkpoint.pt is the state after step 2,
+    the same as an uninterrupted run's checkpoint there (the failing forward's BatchNorm updates undone)."""
+    train(tiny_config(data_root, tmp_path / "good", "model.family=faster_rcnn", "train.steps=2",
+                      "train.checkpoint_every=2"))
+    forward, calls = Distiller.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        det_losses, feature_loss = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            det_losses = {**det_losses, "loss_objectness": det_losses["loss_objectness"] * math.nan}
+        return det_losses, feature_loss
+
+    monkeypatch.setattr(Distiller, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3 .*last good state \(step 2\)"):
+        train(tiny_config(data_root, tmp_path / "nan", "model.family=faster_rcnn", "train.steps=5",
+                          "train.checkpoint_every=2"))
+    saved = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
+    good = torch.load(tmp_path / "good" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2
+    assert all(torch.equal(saved["model"][k], good["model"][k]) for k in good["model"])  # BatchNorm statistics too
+    assert torch.equal(saved["rng"][0]["torch"], good["rng"][0]["torch"])
+    assert saved["optimizer"]["state"].keys() == good["optimizer"]["state"].keys()
 
 
 def test_ddp_two_processes_on_cpu_with_torchrun(data_root, teachers, tmp_path):

@@ -164,9 +164,11 @@ def _build(config: Config, runtime: Runtime, categories: list[dict]):
     return distiller, model
 
 
-def _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, categories, runtime) -> dict | None:
-    """The full training state (on the main process; None elsewhere). RNG states of all processes are gathered."""
-    rng = capture_rng()
+def _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, categories, runtime,
+                      rng: dict | None = None) -> dict | None:
+    """The full training state (on the main process; None elsewhere). RNG states of all processes are
+    gathered: this process's current ones, or rng when given."""
+    rng = rng if rng is not None else capture_rng()
     if runtime.world_size > 1:
         gathered = [None] * runtime.world_size
         dist.all_gather_object(gathered, rng)
@@ -181,6 +183,28 @@ def _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, cat
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": rng, "world_size": runtime.world_size,
     }
+
+
+def _memory_mb(device: torch.device) -> dict:
+    """This process's resident memory (and the CUDA allocator's peak on GPUs), in MiB: a long run's
+    log shows whether memory grows."""
+    memory = {}
+    try:
+        with open("/proc/self/statm") as f:
+            memory["mem_rss_mb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):  # not Linux
+        pass
+    if device.type == "cuda":
+        memory["mem_cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return memory
+
+
+def _finite_everywhere(loss: torch.Tensor, runtime: Runtime) -> bool:
+    """Whether the loss is finite on every process (all of them must stop together, or DDP hangs)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if runtime.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def train(config: Config, *, resume=None) -> dict:
@@ -247,6 +271,10 @@ def train(config: Config, *, resume=None) -> dict:
         bar = tqdm(total=config.train.steps, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
     window, last, step_times = _Window(), {}, []
     distiller.student.train()
+    # A forward changes BatchNorm's running statistics before its loss can be checked: each step starts
+    # from a copy of them, so a non-finite step can be undone completely.
+    buffers = list(distiller.student.buffers())
+    buffers_before = [b.clone() for b in buffers]
     while step < end:
         epoch, offset = divmod(step, per_epoch)
         loader.sampler.set_position(epoch, offset * config.train.batch_size)
@@ -255,14 +283,25 @@ def train(config: Config, *, resume=None) -> dict:
             distiller.measure = (step + 1) % config.train.log_every == 0
             images = [image.to(runtime.device, non_blocking=True) for image in images]
             targets = _move_targets(targets, runtime.device)
+            if buffers:
+                torch._foreach_copy_(buffers_before, buffers)
+            rng_before = capture_rng()
             with torch.autocast(runtime.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 det_losses, feature_loss = model(images, targets)
             det_loss = sum(det_losses.values())
             loss = det_loss if feature_loss is None else det_loss + config.kd.weight * feature_loss
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss, runtime):
+                # Undo the step's forward; weights and optimizer are untouched: save the state after the last good step.
+                if buffers:
+                    torch._foreach_copy_(buffers, buffers_before)
+                state = _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, dataset.categories,
+                                          runtime, rng=rng_before)
+                if state is not None:
+                    atomic_save(state, out / "checkpoint.pt")
                 raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (detection {det_loss.item():.4g}"
-                                         f"{'' if feature_loss is None else f', feature {feature_loss.item():.4g}'}); "
-                                         "try a lower train.lr or a longer warm-up")
+                                         f"{'' if feature_loss is None else f', feature {feature_loss.item():.4g}'}) "
+                                         f"on rank {runtime.rank} or another; the last good state (step {step}) is in "
+                                         f"{out / 'checkpoint.pt'}. Try a lower train.lr or a longer warm-up")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             grad_norm = None
@@ -296,6 +335,7 @@ def train(config: Config, *, resume=None) -> dict:
             if step % config.train.log_every == 0 or checkpoint_now or step == config.train.steps:
                 last = {"step": step, "epoch": epoch, "lr": lr, **window.means(runtime)}
                 last["images_per_s"] = config.train.batch_size * runtime.world_size / max(last["time_step"], 1e-9)
+                last.update(_memory_mb(runtime.device))
                 log.write(last)
                 if bar is not None:
                     shown = {k: f"{last[k]:.3f}" for k in ("loss", "loss_det", "loss_feat") if k in last}
