@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # pytest workers; CI machines have 2 cores.
 JOBS ?= 2
 
-.PHONY: setup build test test-fast demo bench info cmake-test clean
+.PHONY: setup setup-mmdet build test test-fast demo bench info cmake-test clean
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,16 @@ $(VENV)/.installed: pyproject.toml setup.py requirements/runtime.txt requirement
 
 build: setup
 
+# The mmdetection integration's stack (requirements/mmdet.txt): mmengine, mmcv with its CPU ops built
+# from source (the wheel is cached, so only the first build on a machine is slow), mmdet.
+setup-mmdet: $(VENV)/.mmdet-installed
+
+$(VENV)/.mmdet-installed: $(VENV)/.installed requirements/mmdet.txt tools/setup_mmdet.sh
+	VENV=$(VENV) bash tools/setup_mmdet.sh
+	touch $@
+
 # The whole suite. Exit code 5 (nothing collected) is a failure here: an empty run proves nothing.
-test: setup
+test: setup setup-mmdet
 	@$(PY) -m pytest python_tests -q -n $(JOBS) --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
