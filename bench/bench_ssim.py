@@ -258,16 +258,21 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def save(result: dict, out_dir: Path, png: bool) -> Path:
+def write_json(result: dict, out_dir: Path, prefix: str) -> Path:
+    """out_dir/<prefix>-<device>-<date>.json; every bench script names its results this way."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device_tag = "".join(c if c.isalnum() else "-" for c in result["environment"]["device_name"]).strip("-")[:40]
-    stem = f"{result['workload']}-{device_tag}-{result['date']}"
-    path = out_dir / f"{stem}.json"
+    path = out_dir / f"{prefix}-{device_tag}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def save(result: dict, out_dir: Path, png: bool) -> Path:
+    path = write_json(result, out_dir, result["workload"])
     if png:
         from plot import plot_result
 
-        plot_result(path, out_dir / f"{stem}.png")
+        plot_result(path, path.with_suffix(".png"))
     return path
 
 

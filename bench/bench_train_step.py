@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_ssim import device_description, git_commit, quantile  # noqa: E402
+from bench_ssim import device_description, git_commit, quantile, write_json  # noqa: E402
 
 from ssimkd_kernels.distill.config import KDConfig, ModelConfig  # noqa: E402
 from ssimkd_kernels.distill.kd import Distiller, build_feature_loss  # noqa: E402
@@ -134,12 +133,7 @@ def main(argv=None):
                           "fpn_channels": fpn, "amp": args.amp, "warmup": args.warmup},
               "rows": rows}
     if not args.no_save:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = "".join(c if c.isalnum() else "-" for c in environment["device_name"]).strip("-")[:40]
-        path = out / f"train-step-{tag}-{result['date']}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, Path(args.out), 'train-step')}")
     return result
 
 

@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_ssim import device_description, git_commit  # noqa: E402
+from bench_ssim import device_description, git_commit, write_json  # noqa: E402
 
 from ssimkd_kernels.distill.checkpoint import save_detector  # noqa: E402
 from ssimkd_kernels.distill.config import load_config  # noqa: E402
@@ -83,12 +83,7 @@ def main(argv=None):
               "overrides": base[len(SMALL):] + ["kd.mode=ssim"], "summary": summary,
               "records": [{"step": r["step"], **{k: r[k] for k in keys}} for r in records]}
     if not args.no_save:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = "".join(c if c.isalnum() else "-" for c in result["environment"]["device_name"]).strip("-")[:40]
-        path = out / f"trainer-memory-{tag}-{result['date']}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, Path(args.out), 'trainer-memory')}")
     return result
 
 
