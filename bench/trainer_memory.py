@@ -80,7 +80,7 @@ def main(argv=None):
     device = resolve_device(config.train.device)
     result = {"benchmark": "trainer-memory", "date": _dt.datetime.now().strftime("%Y-%m-%d"),
               "git_commit": git_commit(), "environment": device_description(device), "steps": args.steps,
-              "overrides": base[len(SMALL):] + ["kd.mode=ssim"], "summary": summary,
+              "overrides": [o for o in base[len(SMALL):] if not o.startswith("data.root=")] + ["kd.mode=ssim"], "summary": summary,
               "records": [{"step": r["step"], **{k: r[k] for k in keys}} for r in records]}
     if not args.no_save:
         print(f"wrote {write_json(result, Path(args.out), 'trainer-memory')}")
