@@ -25,6 +25,8 @@ EPS_SIGMA = 1e-8
 # Triton kernels.
 PADDING_CODES = {"reflect": 0, "zero": 1, "valid": 2}
 NORMALIZE_MODES = ("sample", "level", "plane", "none")
+# The (N, C, H, W) dims each min-max normalisation takes its min and max over.
+NORMALIZE_DIMS = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 # Levels handled by one launch of a fused kernel; more levels run in several launches of this many.

@@ -19,13 +19,14 @@ from the inputs: nothing but the inputs is saved.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._constants import BACKENDS, PADDING_CODES
+from ._constants import BACKENDS, NORMALIZE_DIMS, PADDING_CODES
 
 EMULATED_CUDA = "cuda_emulated"
 
@@ -269,12 +270,11 @@ def _group_minmax(feat: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     CPU aminmax over a dim is not vectorised: ~25x slower than the two passes).
     """
     acc = _accumulation_dtype(feat.dtype)
-    n, c = feat.shape[:2]
-    groups = {"sample": n, "level": 1, "plane": n * c}[mode]
+    dims = NORMALIZE_DIMS[mode]
     if feat.is_contiguous() and feat.device.type == "cuda":
+        groups = math.prod(s for d, s in enumerate(feat.shape) if d not in dims)
         low, high = torch.aminmax(feat.reshape(groups, -1), dim=1)
     else:
-        dims = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}[mode]
         low, high = feat.amin(dim=dims).reshape(-1), feat.amax(dim=dims).reshape(-1)
     return low.to(acc), high.to(acc)
 
@@ -286,9 +286,8 @@ def _minmax_grad_fake(x, low, high, g_low, g_high, group):
 
 def _minmax_grad_eager(x, low, high, g_low, g_high, mode) -> Tensor:
     """minmax_grad in plain PyTorch, for devices the extension was not built for."""
-    n, c = x.shape[:2]
-    shape = {"sample": (n, 1, 1, 1), "level": (1, 1, 1, 1), "plane": (n, c, 1, 1)}[mode]
-    dims = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}[mode]
+    dims = NORMALIZE_DIMS[mode]
+    shape = [1 if d in dims else s for d, s in enumerate(x.shape)]  # the bounds, broadcast against x
     grad = 0.0
     for bound, g in ((low, g_low), (high, g_high)):
         ties = x.to(bound.dtype) == bound.view(shape)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._constants import EPS_SIGMA, NORM_EPS
+from ._constants import EPS_SIGMA, NORM_EPS, NORMALIZE_DIMS
 
 __all__ = [
     "gaussian_window_1d",
@@ -139,7 +139,7 @@ def normalize_reference(feat: torch.Tensor, mode: str) -> torch.Tensor:
     feat = feat.to(_accumulation_dtype(feat.dtype))
     if mode == "none":
         return feat
-    dims = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}[mode]
+    dims = NORMALIZE_DIMS[mode]
     low = feat.amin(dim=dims, keepdim=True)
     high = feat.amax(dim=dims, keepdim=True)
     return (feat - low) / (high - low + NORM_EPS)
