@@ -1,10 +1,13 @@
 // ops.cpp: the only C++ file that sees at::Tensor. Defines the `ssimkd` custom ops' schemas, checks
 // their inputs (cheaply: loss.py has already validated with messages that name levels and shapes),
-// allocates outputs, fills FusedArgs and calls the CPU or CUDA launcher. Fake kernels and autograd are
-// registered in Python (ssimkd_kernels/ops.py).
+// allocates outputs, fills FusedArgs and calls the CPU or CUDA launcher; and their autograd, here in
+// C++ (an op's Python autograd costs ~0.3 ms a call in pytree handling, as much as the small levels'
+// kernels). Fake kernels are registered in Python (ssimkd_kernels/ops.py).
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
@@ -296,6 +299,260 @@ at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Ten
   return grad;
 }
 
+// The min-max normalisation's per-plane affine for every feature map of a call in one pass (CPU):
+// returns per map the (N, C, 2) affine (scale, offset) and the (groups, 2) bounds (min, max) that its
+// backward needs. All maps share one dtype (loss.py promotes them first).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> minmax_affine(at::TensorList feats, int64_t group,
+                                                                             double eps) {
+  TORCH_CHECK(!feats.empty(), "ssimkd: minmax_affine: at least one feature map is required");
+  TORCH_CHECK(group >= kGroupSample && group <= kGroupPlane, "ssimkd: minmax_affine: unknown group ", group);
+  const auto dtype = feats[0].scalar_type();
+  const auto acc_opts = feats[0].options().dtype(accumulation_type(dtype));
+  std::vector<at::Tensor> affines, bounds;
+  std::vector<NormLevel> levels(feats.size());
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor& x = feats[l];
+    TORCH_CHECK(x.dim() == 4 && x.scalar_type() == dtype && x.is_cpu(), "ssimkd: minmax_affine: map ", l,
+                " must be a CPU (N, C, H, W) tensor of dtype ", dtype, ", got ", x.sizes(), " ", x.scalar_type());
+    const int64_t groups = group == kGroupSample ? x.size(0) : (group == kGroupLevel ? 1 : x.size(0) * x.size(1));
+    affines.push_back(at::empty({x.size(0), x.size(1), 2}, acc_opts));
+    bounds.push_back(at::empty({groups, 2}, acc_opts));
+    NormLevel& lv = levels[l];
+    lv = NormLevel{};
+    lv.x = x.data_ptr();
+    copy_strides(x, lv.x_stride);
+    lv.N = x.size(0);
+    lv.C = x.size(1);
+    lv.H = x.size(2);
+    lv.W = x.size(3);
+    lv.affine = affines.back().data_ptr();
+    lv.bounds = bounds.back().data_ptr();
+  }
+  minmax_affine_cpu(levels.data(), int(levels.size()), to_dtype(dtype), int(group), eps);
+  return {affines, bounds};
+}
+
+// dL/dx of each feature map through its affine, from dL/d(scale, offset) (grad_affines), the
+// forward's affines and bounds: the bounds' gradient split among their ties, as torch.amin/amax do.
+std::vector<at::Tensor> minmax_affine_bwd(at::TensorList grad_affines, at::TensorList feats, at::TensorList affines,
+                                          at::TensorList bounds, int64_t group) {
+  TORCH_CHECK(group >= kGroupSample && group <= kGroupPlane, "ssimkd: minmax_affine_bwd: unknown group ", group);
+  TORCH_CHECK(grad_affines.size() == feats.size() && affines.size() == feats.size() && bounds.size() == feats.size(),
+              "ssimkd: minmax_affine_bwd: one gradient, affine and bounds per feature map");
+  std::vector<at::Tensor> grads, g_affines;
+  std::vector<NormLevel> levels(feats.size());
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor& x = feats[l];
+    const auto acc = accumulation_type(x.scalar_type());
+    TORCH_CHECK(x.dim() == 4 && x.is_cpu() && x.scalar_type() == feats[0].scalar_type(), "ssimkd: minmax_affine_bwd: map ",
+                l, " must be a CPU (N, C, H, W) tensor of dtype ", feats[0].scalar_type());
+    for (const at::Tensor* t : {&grad_affines[l], &affines[l]}) {
+      TORCH_CHECK(t->dim() == 3 && t->size(0) == x.size(0) && t->size(1) == x.size(1) && t->size(2) == 2 &&
+                      t->scalar_type() == acc && t->is_contiguous(),
+                  "ssimkd: minmax_affine_bwd: map ", l, ": affines must be contiguous (N, C, 2) ", acc, ", got ",
+                  t->sizes());
+    }
+    TORCH_CHECK(bounds[l].dim() == 2 && bounds[l].size(1) == 2 && bounds[l].scalar_type() == acc &&
+                    bounds[l].is_contiguous(),
+                "ssimkd: minmax_affine_bwd: map ", l, ": bounds must be contiguous (groups, 2) ", acc);
+    grads.push_back(at::empty_like(x));
+    NormLevel& lv = levels[l];
+    lv = NormLevel{};
+    lv.x = x.data_ptr();
+    copy_strides(x, lv.x_stride);
+    lv.N = x.size(0);
+    lv.C = x.size(1);
+    lv.H = x.size(2);
+    lv.W = x.size(3);
+    lv.affine = affines[l].data_ptr();
+    lv.bounds = bounds[l].data_ptr();
+    lv.g_affine = grad_affines[l].data_ptr();
+    lv.grad = grads.back().data_ptr();
+    copy_strides(grads.back(), lv.grad_stride);
+  }
+  if (!feats.empty()) minmax_affine_bwd_cpu(levels.data(), int(levels.size()), to_dtype(feats[0].scalar_type()), int(group));
+  return grads;
+}
+
+
+// ------------------------------------------------------------------------------------------------
+// Autograd: the fused forward saves its inputs only; the backward op recomputes everything
+// ------------------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FwdSignature = std::tuple<at::Tensor, std::vector<at::Tensor>>(
+    at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::ArrayRef<double>, int64_t, double, double,
+    double, int64_t, double, double, double, bool, bool);
+using BwdSignature =
+    std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+        const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+        at::ArrayRef<double>, int64_t, double, double, double, int64_t, double, double, double, bool, bool, bool);
+
+// The op pair an autograd Function runs below the autograd key (so the backend's kernel, or under
+// torch.compile the fake kernel, does the work).
+template <Target target>
+struct FusedOps {
+  static c10::TypedOperatorHandle<FwdSignature> forward() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(target == Target::kNative ? "ssimkd::fused_ssim_fwd"
+                                                                            : "ssimkd::fused_ssim_fwd_cuda_emulated",
+                                                  "")
+                               .typed<FwdSignature>();
+    return op;
+  }
+  static c10::TypedOperatorHandle<BwdSignature> backward() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(target == Target::kNative ? "ssimkd::fused_ssim_bwd"
+                                                                            : "ssimkd::fused_ssim_bwd_cuda_emulated",
+                                                  "")
+                               .typed<BwdSignature>();
+    return op;
+  }
+};
+
+// Non-tensor arguments of fused_ssim_fwd after the four tensor lists: level_scales, the nine scalar
+// options and write_map. Their gradient slots are empty.
+constexpr int kFwdNonTensorArgs = 11;
+
+template <Target target>
+class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<target>> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList xs, at::TensorList ys, at::TensorList x_affines,
+                               at::TensorList y_affines, at::ArrayRef<double> level_scales, int64_t window_size,
+                               double sigma, double c1, double c2, int64_t padding, double alpha, double beta,
+                               double gamma, bool clamp, bool write_map) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [losses, maps] = FusedOps<target>::forward().call(xs, ys, x_affines, y_affines, level_scales, window_size,
+                                                           sigma, c1, c2, padding, alpha, beta, gamma, clamp,
+                                                           write_map);
+    ctx->saved_data["level_scales"] = level_scales.vec();
+    ctx->saved_data["ints"] = std::vector<int64_t>{window_size, padding, int64_t(xs.size()),
+                                                   int64_t(x_affines.size()), int64_t(y_affines.size())};
+    ctx->saved_data["floats"] = std::vector<double>{sigma, c1, c2, alpha, beta, gamma};
+    ctx->saved_data["clamp"] = clamp;
+    ctx->saved_data["write_map"] = write_map;
+    variable_list saved;
+    for (at::TensorList list : {xs, ys, x_affines, y_affines}) saved.insert(saved.end(), list.begin(), list.end());
+    ctx->save_for_backward(saved);
+    variable_list out{losses};
+    out.insert(out.end(), maps.begin(), maps.end());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto ints = ctx->saved_data["ints"].toIntVector();
+    const auto floats = ctx->saved_data["floats"].toDoubleVector();
+    const auto level_scales = ctx->saved_data["level_scales"].toDoubleVector();
+    const bool clamp = ctx->saved_data["clamp"].toBool(), write_map = ctx->saved_data["write_map"].toBool();
+    const int64_t window_size = ints[0], padding = ints[1], levels = ints[2], n_xa = ints[3], n_ya = ints[4];
+    const variable_list saved = ctx->get_saved_variables();
+    const at::TensorList xs(saved.data(), levels), ys(saved.data() + levels, levels);
+    const at::TensorList x_affines(saved.data() + 2 * levels, n_xa), y_affines(saved.data() + 2 * levels + n_xa, n_ya);
+    auto any_needed = [&](int64_t first, int64_t count) {
+      for (int64_t i = first; i < first + count; ++i)
+        if (ctx->needs_input_grad(size_t(i))) return true;
+      return false;
+    };
+    const bool x_needs = any_needed(0, levels) || any_needed(2 * levels, n_xa);
+    const bool y_needs = any_needed(levels, levels) || any_needed(2 * levels + n_xa, n_ya);
+    variable_list out(size_t(2 * levels + n_xa + n_ya + kFwdNonTensorArgs));
+    if (!(x_needs || y_needs)) return out;
+
+    const auto acc = accumulation_type(xs[0].scalar_type());
+    const at::Tensor grad_losses = grads[0].to(acc).contiguous();
+    std::vector<at::Tensor> grad_maps;
+    if (write_map) {
+      for (int64_t l = 0; l < levels; ++l) grad_maps.push_back(grads[1 + l].to(acc).contiguous());
+    }
+    auto [gxs, gys, gxa, gya] = FusedOps<target>::backward().call(
+        grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, window_size, floats[0], floats[1],
+        floats[2], padding, floats[3], floats[4], floats[5], clamp, x_needs, y_needs);
+    auto place = [&](const std::vector<at::Tensor>& computed, int64_t first) {
+      for (size_t i = 0; i < computed.size(); ++i) out[first + i] = computed[i];
+    };
+    if (x_needs) {
+      place(gxs, 0);
+      place(gxa, 2 * levels);
+    }
+    if (y_needs) {
+      place(gys, levels);
+      place(gya, 2 * levels + n_xa);
+    }
+    return out;
+  }
+};
+
+template <Target target>
+std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd_autograd(
+    at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
+    at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1, double c2, int64_t padding,
+    double alpha, double beta, double gamma, bool clamp, bool write_map) {
+  const variable_list out = FusedSsimFunction<target>::apply(xs, ys, x_affines, y_affines, level_scales, window_size,
+                                                             sigma, c1, c2, padding, alpha, beta, gamma, clamp,
+                                                             write_map);
+  return {out[0], std::vector<at::Tensor>(out.begin() + 1, out.end())};
+}
+
+using MinMaxAffineSignature = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(at::TensorList, int64_t,
+                                                                                           double);
+using MinMaxAffineBwdSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
+                                                         at::TensorList, int64_t);
+
+// The normalisation's affines: saves the maps, the affines and the bounds (not differentiable: they
+// are returned only so the backward finds the exact min and max).
+class MinMaxAffineFunction : public torch::autograd::Function<MinMaxAffineFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList feats, int64_t group, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ssimkd::minmax_affine", "")
+                               .typed<MinMaxAffineSignature>();
+    auto [affines, bounds] = op.call(feats, group, eps);
+    variable_list saved(feats.begin(), feats.end());
+    saved.insert(saved.end(), affines.begin(), affines.end());
+    saved.insert(saved.end(), bounds.begin(), bounds.end());
+    ctx->save_for_backward(saved);
+    ctx->mark_non_differentiable(bounds);
+    ctx->saved_data["group"] = group;
+    variable_list out(affines.begin(), affines.end());
+    out.insert(out.end(), bounds.begin(), bounds.end());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ssimkd::minmax_affine_bwd", "")
+                               .typed<MinMaxAffineBwdSignature>();
+    const variable_list saved = ctx->get_saved_variables();
+    const size_t count = saved.size() / 3;
+    std::vector<at::Tensor> g_affines, feats, affines, bounds;
+    std::vector<size_t> wanted;
+    for (size_t i = 0; i < count; ++i) {
+      if (!ctx->needs_input_grad(i)) continue;
+      wanted.push_back(i);
+      g_affines.push_back(grads[i].contiguous());
+      feats.push_back(saved[i]);
+      affines.push_back(saved[count + i]);
+      bounds.push_back(saved[2 * count + i]);
+    }
+    variable_list out(count + 2);  // the maps, then group and eps
+    if (wanted.empty()) return out;
+    const std::vector<at::Tensor> computed = op.call(g_affines, feats, affines, bounds, ctx->saved_data["group"].toInt());
+    for (size_t k = 0; k < wanted.size(); ++k) out[wanted[k]] = computed[k];
+    return out;
+  }
+};
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> minmax_affine_autograd(at::TensorList feats, int64_t group,
+                                                                                     double eps) {
+  const variable_list out = MinMaxAffineFunction::apply(feats, group, eps);
+  const size_t count = feats.size();
+  return {std::vector<at::Tensor>(out.begin(), out.begin() + count),
+          std::vector<at::Tensor>(out.begin() + count, out.end())};
+}
+
 }  // namespace
 
 // One schema for every implementation, after the op's name.
@@ -315,6 +572,8 @@ TORCH_LIBRARY(ssimkd, m) {
   m.def((std::string("fused_ssim_fwd_cuda_emulated") + kFwdSchema).c_str());
   m.def((std::string("fused_ssim_bwd_cuda_emulated") + kBwdSchema).c_str());
   m.def("minmax_grad(Tensor x, Tensor low, Tensor high, Tensor g_low, Tensor g_high, int group) -> Tensor");
+  m.def("minmax_affine(Tensor[] feats, int group, float eps) -> (Tensor[], Tensor[])");
+  m.def("minmax_affine_bwd(Tensor[] grad_affines, Tensor[] feats, Tensor[] affines, Tensor[] bounds, int group) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {
@@ -323,6 +582,14 @@ TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {
   m.impl("fused_ssim_fwd_cuda_emulated", &fused_ssim_fwd<Target::kCudaEmulated>);
   m.impl("fused_ssim_bwd_cuda_emulated", &fused_ssim_bwd<Target::kCudaEmulated>);
   m.impl("minmax_grad", &minmax_grad);
+  m.impl("minmax_affine", &minmax_affine);
+  m.impl("minmax_affine_bwd", &minmax_affine_bwd);
+}
+
+TORCH_LIBRARY_IMPL(ssimkd, Autograd, m) {
+  m.impl("fused_ssim_fwd", &fused_ssim_fwd_autograd<Target::kNative>);
+  m.impl("fused_ssim_fwd_cuda_emulated", &fused_ssim_fwd_autograd<Target::kCudaEmulated>);
+  m.impl("minmax_affine", &minmax_affine_autograd);
 }
 
 #ifdef SSIMKD_WITH_CUDA

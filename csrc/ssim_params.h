@@ -135,6 +135,22 @@ SSIMKD_HD int64_t group_of_plane(int group, int64_t n, int64_t c, int64_t C) {
 }
 
 void minmax_grad_cpu(const MinMaxGradArgs& args);
+
+// One feature map of a fused min-max normalisation call (CPU): the per-group bounds, the per-plane
+// affine x-hat = scale * (x - offset), scale = 1 / (max - min + eps), offset = min, and its gradient.
+struct NormLevel {
+  const void* x;            // [N, C, H, W] input dtype, any strides
+  int64_t x_stride[4];
+  int64_t N, C, H, W;
+  void* affine;             // [N, C, 2] contiguous acc: (scale, offset) per plane; forward output
+  void* bounds;             // [groups, 2] contiguous acc: (min, max) per group; forward output
+  const void* g_affine;     // backward: [N, C, 2] contiguous acc, dL/d(scale, offset)
+  void* grad;               // backward: [N, C, H, W] input dtype, dL/dx, strides grad_stride
+  int64_t grad_stride[4];
+};
+
+void minmax_affine_cpu(const NormLevel* levels, int count, DType dtype, int group, double eps);
+void minmax_affine_bwd_cpu(const NormLevel* levels, int count, DType dtype, int group);
 #ifdef SSIMKD_WITH_CUDA
 void minmax_grad_cuda(const MinMaxGradArgs& args, void* stream);
 #endif

@@ -32,7 +32,7 @@ from ._constants import (
     NORMALIZE_MODES,
     PADDING_CODES,
 )
-from .ops import GroupMinMax, KernelOptions, fused_ssim, resolve_backend
+from .ops import KernelOptions, fused_ssim, plane_affines, resolve_backend
 
 __all__ = ["ssim", "ssim_map", "ssim_kd_loss", "SSIMKDLoss"]
 
@@ -134,25 +134,6 @@ def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def _plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
-    """Per-plane (scale, offset) of the min-max normalisation of each feature map, as (N, C, 2) views.
-
-    One min/max pass per map (GroupMinMax, whose backward is one fused op); the formula runs once over
-    all maps together (few small ops, which is what eager mode pays for), and each result is a
-    broadcast view, which the fused ops read in place.
-    """
-    lows, highs = zip(*(GroupMinMax.apply(f, mode) for f in feats))
-    low, high = torch.cat(lows), torch.cat(highs)
-    scale = 1.0 / (high - low + NORM_EPS)
-    packed = torch.stack([scale, low], dim=-1)
-    keep = {"sample": lambda n, c: (n, 1), "level": lambda n, c: (1, 1), "plane": lambda n, c: (n, c)}[mode]
-    sizes = [math.prod(keep(*f.shape[:2])) for f in feats]
-    return [
-        part.view(*keep(*f.shape[:2]), 2).expand(f.shape[0], f.shape[1], 2)
-        for part, f in zip(packed.split(sizes), feats)
-    ]
 
 
 def _output_count(shape: torch.Size, window_size: int, padding: str) -> int:
@@ -311,7 +292,7 @@ def ssim_kd_loss(
     teachers = [t.to(dtype) for t in teachers]
     x_affines = y_affines = []
     if normalize != "none":
-        affines = _plane_affines(students + teachers, normalize)
+        affines = plane_affines(students + teachers, normalize)
         x_affines, y_affines = affines[: len(students)], affines[len(students) :]
     scales = [w / _output_count(s.shape, window_size, padding) for w, s in zip(weights, students)]
     options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp)

@@ -13,8 +13,12 @@ of the per-pixel loss m = (1 - S) / 2 (clamped when asked): with 1 / (N C H' W')
 mean, so no host-side tensor of weights is ever copied to the device. ``maps`` are the SSIM maps,
 written only when ``write_map``.
 ``x_affines[l]`` is an (N, C, 2) tensor of (scale, offset), any strides (broadcast views welcome):
-x-hat = scale * (x - offset) per plane (empty list: identity). The backward takes dL/d level_losses and dL/d maps and recomputes everything
-from the inputs: nothing but the inputs is saved.
+x-hat = scale * (x - offset) per plane (empty list: identity). The backward takes dL/d level_losses
+and dL/d maps and recomputes everything from the inputs: nothing but the inputs is saved.
+
+Autograd: the C++ ops register theirs in C++ (csrc/ops.cpp), the Triton pair here; fake kernels of
+all of them are here. The min-max normalisation's statistics are ssimkd::minmax_affine on the CPU
+(one op for every map; autograd in C++) and GroupMinMax elsewhere (see plane_affines).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._constants import BACKENDS, NORMALIZE_DIMS, PADDING_CODES
+from ._constants import BACKENDS, NORM_EPS, NORMALIZE_DIMS, PADDING_CODES
 
 EMULATED_CUDA = "cuda_emulated"
 
@@ -176,7 +180,8 @@ def _op(qualified_name: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd: save the inputs only, recompute in the backward op
+# Autograd of the Triton ops (the C++ ops have theirs in csrc/ops.cpp): save the inputs only, recompute
+# in the backward op
 # ------------------------------------------------------------------------------------------------
 
 
@@ -251,8 +256,9 @@ def _map_shape(x: Tensor, options: tuple) -> tuple[int, int, int, int]:
 for _fwd_name, _bwd_name in set(_OP_PAIRS.values()):
     torch.library.register_fake(_fwd_name)(_fwd_fake)
     torch.library.register_fake(_bwd_name)(_bwd_fake)
-    _setup, _backward = _make_autograd(_bwd_name)
-    torch.library.register_autograd(_fwd_name, _backward, setup_context=_setup)
+# The C++ ops' autograd is registered in C++ (csrc/ops.cpp); the Triton pair's here.
+_setup, _backward = _make_autograd(_OP_PAIRS["triton"][1])
+torch.library.register_autograd(_OP_PAIRS["triton"][0], _backward, setup_context=_setup)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,6 +324,49 @@ class GroupMinMax(torch.autograd.Function):
         else:
             grad = _minmax_grad_eager(feat, low, high, g_low, g_high, ctx.mode)
         return grad, None
+
+
+def plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
+    """Per-plane (scale, offset) of the min-max normalisation of each feature map, (N, C, 2) each,
+    differentiable: x-hat = scale * (x - offset), scale = 1 / (max - min + NORM_EPS), offset = min,
+    min and max over the group of planes `mode` names ("sample", "level" or "plane").
+
+    On the CPU one op does every map (ssimkd::minmax_affine: one pass, one autograd node, one fused
+    backward). Elsewhere: one min/max pass per map (GroupMinMax, whose backward is one fused op) and
+    the formula once over all maps together; each result is a broadcast view, which the fused ops read
+    in place.
+    """
+    if _C is not None and feats[0].device.type == "cpu":
+        affines, _ = torch.ops.ssimkd.minmax_affine(feats, _GROUP_CODES[mode], NORM_EPS)
+        return list(affines)
+    lows, highs = zip(*(GroupMinMax.apply(f, mode) for f in feats))
+    low, high = torch.cat(lows), torch.cat(highs)
+    scale = 1.0 / (high - low + NORM_EPS)
+    packed = torch.stack([scale, low], dim=-1)
+    keep = {"sample": lambda n, c: (n, 1), "level": lambda n, c: (1, 1), "plane": lambda n, c: (n, c)}[mode]
+    sizes = [math.prod(keep(*f.shape[:2])) for f in feats]
+    return [
+        part.view(*keep(*f.shape[:2]), 2).expand(f.shape[0], f.shape[1], 2)
+        for part, f in zip(packed.split(sizes), feats)
+    ]
+
+
+def _group_count(code: int, n: int, c: int) -> int:
+    return {_GROUP_CODES["sample"]: n, _GROUP_CODES["level"]: 1, _GROUP_CODES["plane"]: n * c}[code]
+
+
+if _C is not None:
+
+    @torch.library.register_fake("ssimkd::minmax_affine")
+    def _minmax_affine_fake(feats, group, eps):
+        acc = _accumulation_dtype(feats[0].dtype)
+        affines = [f.new_empty((f.shape[0], f.shape[1], 2), dtype=acc) for f in feats]
+        bounds = [f.new_empty((_group_count(group, f.shape[0], f.shape[1]), 2), dtype=acc) for f in feats]
+        return affines, bounds
+
+    @torch.library.register_fake("ssimkd::minmax_affine_bwd")
+    def _minmax_affine_bwd_fake(grad_affines, feats, affines, bounds, group):
+        return [torch.empty_like(f) for f in feats]
 
 
 # ------------------------------------------------------------------------------------------------
