@@ -44,3 +44,13 @@ def test_thread_count_does_not_change_a_bit():
     assert torch.equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("padding", ["reflect", "zero", "valid"])
+def test_tile_borders(padding):
+    """Planes cut into several 64x64 tiles: tile rows and columns whose windows cross a tile border,
+    the plane's border, or (valid padding, 131 = 2 * 64 + 3 columns) hold no window centre at all."""
+    from test_backends import check_against_reference
+
+    students, teachers = sample_levels([(70, 131), (133, 20), (65, 64)], batch=1, channels=2, dtype=torch.float64)
+    check_against_reference("cpu", students, teachers, padding=padding)

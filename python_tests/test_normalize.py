@@ -71,3 +71,79 @@ def test_gradcheck_float64():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # no ties: differentiable
     for mode in MODES:
         assert torch.autograd.gradcheck(lambda t, m=mode: GroupMinMax.apply(t, m), (x,))
+
+
+# ssimkd::minmax_affine: the CPU op behind the normalisation of every map of a call at once.
+CODES = {"sample": 0, "level": 1, "plane": 2}
+
+
+def _affine_truth(x, mode):
+    """(N, C, 2) (scale, offset) by the formula, autograd through amin / amax."""
+    dims = DIMS[mode]
+    low, high = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    scale = (1.0 / (high - low + 1e-6)).expand(x.shape[0], x.shape[1], 1, 1)
+    offset = low.expand(x.shape[0], x.shape[1], 1, 1)
+    return torch.stack([scale[..., 0, 0], offset[..., 0, 0]], dim=-1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_minmax_affine_equals_the_formula_through_amin_amax(mode, layout):
+    feats = [_with_ties((3, 4, 5, 6), torch.float64), torch.randn(3, 4, 1, 1, dtype=torch.float64),
+             torch.randn(3, 4, 70, 9, dtype=torch.float64)]
+    if layout == "channels_last":
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    elif layout == "sliced":
+        feats = [torch.cat([f, f], dim=3)[..., ::2] for f in feats]
+    feats = [f.requires_grad_() for f in feats]
+    affines, bounds = torch.ops.ssimkd.minmax_affine(feats, CODES[mode], 1e-6)
+    truths = [_affine_truth(f, mode) for f in feats]
+    for a, t in zip(affines, truths):
+        torch.testing.assert_close(a, t, rtol=1e-15, atol=0)
+    upstream = [torch.randn_like(a) for a in affines]
+    got = torch.autograd.grad(affines, feats, upstream)
+    want = torch.autograd.grad(truths, feats, upstream)
+    for g, w in zip(got, want):
+        assert g.stride() == w.stride() or not g.is_contiguous()
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_minmax_affine_low_precision(dtype):
+    x = _with_ties((2, 3, 4, 4), dtype).requires_grad_()
+    (affine,), _ = torch.ops.ssimkd.minmax_affine([x], 0, 1e-6)
+    assert affine.dtype == torch.float32
+    upstream = torch.randn_like(affine)
+    (grad,) = torch.autograd.grad([affine], [x], [upstream])
+    assert grad.dtype == dtype
+    x64 = x.detach().double().requires_grad_()
+    (truth,) = torch.autograd.grad([_affine_truth(x64, "sample")], [x64], [upstream.double()])
+    torch.testing.assert_close(grad.double(), truth, rtol=4 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+def test_minmax_affine_gradient_only_where_needed():
+    student = torch.randn(2, 3, 4, 5, requires_grad=True)
+    teacher = torch.randn(2, 3, 4, 5)
+    affines, _ = torch.ops.ssimkd.minmax_affine([student, teacher], 0, 1e-6)
+    (grad,) = torch.autograd.grad(affines[0].sum() + affines[1].sum(), [student])
+    (truth,) = torch.autograd.grad(_affine_truth(student, "sample").sum(), [student])
+    torch.testing.assert_close(grad, truth)
+
+
+def test_minmax_affine_nan_gives_nan():
+    x = torch.rand(2, 2, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        x[0, 1, 1, 1] = float("nan")
+    (affine,), (bounds,) = torch.ops.ssimkd.minmax_affine([x], 0, 1e-6)
+    assert torch.isnan(affine[0]).all() and torch.isnan(bounds[0]).all() and torch.isfinite(affine[1]).all()
+    (grad,) = torch.autograd.grad([affine], [x], [torch.ones_like(affine)])
+    assert torch.isnan(grad[0]).all() and torch.isfinite(grad[1]).all()
+
+
+def test_minmax_affine_gradcheck_and_opcheck():
+    feats = [torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),
+             torch.randn(2, 3, 2, 7, dtype=torch.float64, requires_grad=True)]  # no ties: differentiable
+    for mode in MODES:
+        assert torch.autograd.gradcheck(lambda *f, m=mode: torch.ops.ssimkd.minmax_affine(list(f), CODES[m], 1e-6)[0],
+                                        tuple(feats))
+        torch.library.opcheck(torch.ops.ssimkd.minmax_affine.default, (feats, CODES[mode], 1e-6))
