@@ -299,6 +299,20 @@ at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Ten
   return grad;
 }
 
+// A feature map, its (N, C, 2) affine and (groups, 2) bounds, as the normalisation kernels take them.
+NormLevel norm_level(const at::Tensor& x, const at::Tensor& affine, const at::Tensor& bounds) {
+  NormLevel lv{};
+  lv.x = x.data_ptr();
+  copy_strides(x, lv.x_stride);
+  lv.N = x.size(0);
+  lv.C = x.size(1);
+  lv.H = x.size(2);
+  lv.W = x.size(3);
+  lv.affine = affine.data_ptr();
+  lv.bounds = bounds.data_ptr();
+  return lv;
+}
+
 // The min-max normalisation's per-plane affine for every feature map of a call in one pass (CPU):
 // returns per map the (N, C, 2) affine (scale, offset) and the (groups, 2) bounds (min, max) that its
 // backward needs. All maps share one dtype (loss.py promotes them first).
@@ -317,16 +331,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> minmax_affine(at::T
     const int64_t groups = group == kGroupSample ? x.size(0) : (group == kGroupLevel ? 1 : x.size(0) * x.size(1));
     affines.push_back(at::empty({x.size(0), x.size(1), 2}, acc_opts));
     bounds.push_back(at::empty({groups, 2}, acc_opts));
-    NormLevel& lv = levels[l];
-    lv = NormLevel{};
-    lv.x = x.data_ptr();
-    copy_strides(x, lv.x_stride);
-    lv.N = x.size(0);
-    lv.C = x.size(1);
-    lv.H = x.size(2);
-    lv.W = x.size(3);
-    lv.affine = affines.back().data_ptr();
-    lv.bounds = bounds.back().data_ptr();
+    levels[l] = norm_level(x, affines.back(), bounds.back());
   }
   minmax_affine_cpu(levels.data(), int(levels.size()), to_dtype(dtype), int(group), eps);
   return {affines, bounds};
@@ -339,7 +344,7 @@ std::vector<at::Tensor> minmax_affine_bwd(at::TensorList grad_affines, at::Tenso
   TORCH_CHECK(group >= kGroupSample && group <= kGroupPlane, "ssimkd: minmax_affine_bwd: unknown group ", group);
   TORCH_CHECK(grad_affines.size() == feats.size() && affines.size() == feats.size() && bounds.size() == feats.size(),
               "ssimkd: minmax_affine_bwd: one gradient, affine and bounds per feature map");
-  std::vector<at::Tensor> grads, g_affines;
+  std::vector<at::Tensor> grads;
   std::vector<NormLevel> levels(feats.size());
   for (size_t l = 0; l < feats.size(); ++l) {
     const at::Tensor& x = feats[l];
@@ -357,15 +362,7 @@ std::vector<at::Tensor> minmax_affine_bwd(at::TensorList grad_affines, at::Tenso
                 "ssimkd: minmax_affine_bwd: map ", l, ": bounds must be contiguous (groups, 2) ", acc);
     grads.push_back(at::empty_like(x));
     NormLevel& lv = levels[l];
-    lv = NormLevel{};
-    lv.x = x.data_ptr();
-    copy_strides(x, lv.x_stride);
-    lv.N = x.size(0);
-    lv.C = x.size(1);
-    lv.H = x.size(2);
-    lv.W = x.size(3);
-    lv.affine = affines[l].data_ptr();
-    lv.bounds = bounds[l].data_ptr();
+    lv = norm_level(x, affines[l], bounds[l]);
     lv.g_affine = grad_affines[l].data_ptr();
     lv.grad = grads.back().data_ptr();
     copy_strides(grads.back(), lv.grad_stride);

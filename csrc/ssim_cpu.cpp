@@ -796,13 +796,23 @@ struct BackwardFn {
 // The min-max normalisation's statistics: per-group bounds, the affine, and their gradient
 // ------------------------------------------------------------------------------------------------
 
-// Calls fn(row, step) for each row of plane (n, c) of x: a pointer to its first element and the
-// element step along it (1 for contiguous rows, which the callers' loops vectorise).
-template <typename scalar_t, typename Fn>
-SSIMKD_INLINE void for_each_plane_row(scalar_t* x, const int64_t* stride, int64_t n, int64_t c, int64_t H,
-                                      const Fn& fn) {
-  scalar_t* plane = x + n * stride[0] + c * stride[1];
-  for (int64_t h = 0; h < H; ++h) fn(plane + h * stride[2], stride[3]);
+// Calls fn(lane, v) for every element v of plane (n, c) of x, in the accumulation type. On rows that
+// are contiguous, lane is the column's place in its block of kLanes, so the per-lane accumulators of
+// fn vectorise; strided rows and the last columns of a row use lane 0.
+template <typename T, typename scalar_t, typename Fn>
+SSIMKD_INLINE void for_each_element(const scalar_t* x, const int64_t* stride, int64_t n, int64_t c, int64_t H,
+                                    int64_t W, const Fn& fn) {
+  const scalar_t* plane = x + n * stride[0] + c * stride[1];
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* row = plane + h * stride[2];
+    const int64_t step = stride[3];
+    int64_t w = 0;
+    if (step == 1) {
+      for (; w + kLanes <= W; w += kLanes)
+        for (int l = 0; l < kLanes; ++l) fn(l, static_cast<T>(row[w + l]));
+    }
+    for (; w < W; ++w) fn(0, static_cast<T>(row[w * step]));
+  }
 }
 
 // Min and max of one plane, and whether it holds a NaN (torch.amin/amax then give NaN).
@@ -813,32 +823,18 @@ struct PlaneBounds {
 };
 
 template <typename scalar_t, typename T = AccType<scalar_t>>
-SSIMKD_CPU_CLONES PlaneBounds<T> plane_bounds(const scalar_t* x, const int64_t* stride, int64_t n,
-                                                        int64_t c, int64_t H, int64_t W) {
+SSIMKD_CPU_CLONES PlaneBounds<T> plane_bounds(const scalar_t* x, const int64_t* stride, int64_t n, int64_t c,
+                                              int64_t H, int64_t W) {
   T lo[kLanes], hi[kLanes], nans[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     lo[l] = std::numeric_limits<T>::infinity();
     hi[l] = -std::numeric_limits<T>::infinity();
     nans[l] = T(0);
   }
-  for_each_plane_row(x, stride, n, c, H, [&](const scalar_t* row, int64_t step) {
-    int64_t w = 0;
-    if (step == 1) {
-      for (; w + kLanes <= W; w += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const T v = static_cast<T>(row[w + l]);
-          lo[l] = v < lo[l] ? v : lo[l];
-          hi[l] = v > hi[l] ? v : hi[l];
-          nans[l] += v != v ? T(1) : T(0);
-        }
-      }
-    }
-    for (; w < W; ++w) {
-      const T v = static_cast<T>(row[w * step]);
-      lo[0] = v < lo[0] ? v : lo[0];
-      hi[0] = v > hi[0] ? v : hi[0];
-      nans[0] += v != v ? T(1) : T(0);
-    }
+  for_each_element<T>(x, stride, n, c, H, W, [&](int l, T v) {
+    lo[l] = v < lo[l] ? v : lo[l];
+    hi[l] = v > hi[l] ? v : hi[l];
+    nans[l] += v != v ? T(1) : T(0);
   });
   PlaneBounds<T> b;
   for (int l = 0; l < kLanes; ++l) {
@@ -854,30 +850,15 @@ template <typename scalar_t, typename T = AccType<scalar_t>>
 SSIMKD_CPU_CLONES void count_ties(const scalar_t* x, const int64_t* stride, int64_t n, int64_t c, int64_t H,
                                   int64_t W, T low, T high, int64_t* n_low, int64_t* n_high) {
   int64_t lows[kLanes] = {}, highs[kLanes] = {};
-  int64_t total_low = 0, total_high = 0;
-  for_each_plane_row(x, stride, n, c, H, [&](const scalar_t* row, int64_t step) {
-    int64_t w = 0;
-    if (step == 1) {
-      for (; w + kLanes <= W; w += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const T v = static_cast<T>(row[w + l]);
-          lows[l] += v == low ? 1 : 0;
-          highs[l] += v == high ? 1 : 0;
-        }
-      }
-    }
-    for (; w < W; ++w) {
-      const T v = static_cast<T>(row[w * step]);
-      total_low += v == low;
-      total_high += v == high;
-    }
+  for_each_element<T>(x, stride, n, c, H, W, [&](int l, T v) {
+    lows[l] += v == low ? 1 : 0;
+    highs[l] += v == high ? 1 : 0;
   });
+  *n_low = *n_high = 0;
   for (int l = 0; l < kLanes; ++l) {
-    total_low += lows[l];
-    total_high += highs[l];
+    *n_low += lows[l];
+    *n_high += highs[l];
   }
-  *n_low = total_low;
-  *n_high = total_high;
 }
 
 // dL/dx of plane (n, c) through its group's bounds: share_low at the ties with low, share_high at

@@ -28,7 +28,6 @@ from ._constants import (
     DEFAULT_WINDOW,
     MAX_WINDOW,
     MIN_WINDOW,
-    NORM_EPS,
     NORMALIZE_MODES,
     PADDING_CODES,
 )
