@@ -262,7 +262,7 @@ at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Ten
   TORCH_CHECK(x.dim() == 4, "ssimkd: minmax_grad: x must be (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(group >= kGroupSample && group <= kGroupPlane, "ssimkd: minmax_grad: unknown group ", group);
   const auto acc = accumulation_type(x.scalar_type());
-  const int64_t groups = group == kGroupSample ? x.size(0) : (group == kGroupLevel ? 1 : x.size(0) * x.size(1));
+  const int64_t groups = group_count(int(group), x.size(0), x.size(1));
   for (const at::Tensor* t : {&low, &high, &g_low, &g_high}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == groups && t->scalar_type() == acc && t->is_contiguous() &&
                     t->device() == x.device(),
@@ -328,7 +328,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> minmax_affine(at::T
     const at::Tensor& x = feats[l];
     TORCH_CHECK(x.dim() == 4 && x.scalar_type() == dtype && x.is_cpu(), "ssimkd: minmax_affine: map ", l,
                 " must be a CPU (N, C, H, W) tensor of dtype ", dtype, ", got ", x.sizes(), " ", x.scalar_type());
-    const int64_t groups = group == kGroupSample ? x.size(0) : (group == kGroupLevel ? 1 : x.size(0) * x.size(1));
+    const int64_t groups = group_count(int(group), x.size(0), x.size(1));
     affines.push_back(at::empty({x.size(0), x.size(1), 2}, acc_opts));
     bounds.push_back(at::empty({groups, 2}, acc_opts));
     levels[l] = norm_level(x, affines.back(), bounds.back());

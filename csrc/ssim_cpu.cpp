@@ -198,7 +198,7 @@ AxisPlan<T> plan_axis(int64_t t0, int64_t t1, int64_t n, int radius, int padding
       }
       j = e - 1;
     }
-    // A padded read of a plane with no reads inside it cannot happen (every window holds its centre).
+    // s0 < s1 here: every window reads its own centre, which lies in the plane.
   }
   if (backward) {
     const int k_count = 2 * radius + 1;
@@ -259,29 +259,30 @@ struct Workspace {
   std::vector<T> zeros;       // backward: rows of the transposed maps off the centres
 };
 
+// Widest row of window centres a tile computes (the backward's: the tile plus r each side), in blocks.
+SSIMKD_INLINE int64_t max_centre_width(int radius) { return int64_t(blocks_of(kTileW + 2 * radius)) * kLanes; }
+
+// Row length of the backward's coefficient maps: centre column t0 - R + u sits at u, and the centres
+// start up to r into the row.
+SSIMKD_INLINE int64_t coeff_width(int radius) { return max_centre_width(radius) + radius; }
+
 template <typename T>
 void reserve(Workspace<T>& ws, int radius) {
-  const size_t centres = size_t(blocks_of(kTileW + 2 * radius)) * kLanes;  // widest centre row
-  const size_t width = centres + 2 * radius;                                 // widest loaded row
-  const size_t rows = kTileH + 4 * radius + 1;                               // loaded rows + pad row
+  const size_t centres = size_t(max_centre_width(radius));
+  const size_t width = centres + 2 * radius;          // widest loaded row
+  const size_t rows = kTileH + 4 * radius + 1;        // loaded rows + pad row
   const size_t centre_rows = kTileH + 2 * radius;
-  const size_t coeff_width = centres + radius;  // centres start up to r into a coefficient row
   ws.x.resize(rows * width);
   ws.y.resize(rows * width);
   ws.products.resize(kMaps * width);
   ws.horizontal.resize(kMaps * rows * centres);
   ws.vertical.resize(kMaps * centres);
   ws.values.resize(centres);
-  ws.coeffs.resize(kMaps * centre_rows * coeff_width);
+  ws.coeffs.resize(kMaps * centre_rows * size_t(coeff_width(radius)));
   ws.transposed.resize(kMaps * centre_rows * kTileW);
   ws.grad.resize(kMaps * kTileW);
   ws.scratch.resize(2 * kTileW);
-  ws.zeros.assign(std::max(centres, size_t(kTileW)), T(0));
-}
-
-template <int R>
-SSIMKD_INLINE int64_t coeff_width() {
-  return int64_t(blocks_of(kTileW + 2 * R)) * kLanes + R;
+  ws.zeros.assign(kTileW, T(0));  // a transposed row is at most a tile wide
 }
 
 // Centre loaded values on their mean, in place, and return the mean. Any shift keeps the math exact
@@ -566,7 +567,7 @@ SSIMKD_CPU_CLONES void backward_tile(const FusedArgs& a, const LaunchPlans<AccTy
   // column t0 - R + u at u; columns that are not centres hold 0.
   const int64_t centres = cols.width();
   const int n_centres = int(cols.c1 - cols.c0);
-  const int64_t cw = coeff_width<R>();
+  const int64_t cw = coeff_width(R);
   const int64_t u0 = cols.c0 - (cols.t0 - R);
   const int64_t centre_rows = rows.c1 - rows.c0;
   const int64_t stride = centre_rows * cw;  // between coefficient maps
@@ -892,45 +893,6 @@ SSIMKD_CPU_CLONES void write_tie_gradient(const scalar_t* x, const int64_t* x_st
   }
 }
 
-SSIMKD_INLINE int64_t group_count(int group, int64_t N, int64_t C) {
-  return group == kGroupSample ? N : (group == kGroupLevel ? 1 : N * C);
-}
-
-template <typename scalar_t>
-void minmax_grad_impl(const MinMaxGradArgs& a) {
-  using T = AccType<scalar_t>;
-  const T* low = static_cast<const T*>(a.low);
-  const T* high = static_cast<const T*>(a.high);
-  const T* g_low = static_cast<const T*>(a.g_low);
-  const T* g_high = static_cast<const T*>(a.g_high);
-  const scalar_t* x = static_cast<const scalar_t*>(a.x);
-  const int64_t planes = a.N * a.C;
-  // Pass 1: ties per plane (integers: any order gives the same counts), then per group.
-  std::vector<int64_t> plane_counts(size_t(2 * planes), 0);
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / a.C, c = plane % a.C, g = group_of_plane(a.group, n, c, a.C);
-      count_ties(x, a.x_stride, n, c, a.H, a.W, low[g], high[g], &plane_counts[2 * plane], &plane_counts[2 * plane + 1]);
-    }
-  });
-  int64_t* counts = static_cast<int64_t*>(a.counts);
-  std::fill(counts, counts + 2 * group_count(a.group, a.N, a.C), int64_t(0));
-  for (int64_t plane = 0; plane < planes; ++plane) {
-    const int64_t g = group_of_plane(a.group, plane / a.C, plane % a.C, a.C);
-    counts[2 * g] += plane_counts[2 * plane];
-    counts[2 * g + 1] += plane_counts[2 * plane + 1];
-  }
-  // Pass 2: the gradient, with each group's share per tie.
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / a.C, c = plane % a.C, g = group_of_plane(a.group, n, c, a.C);
-      write_tie_gradient(x, a.x_stride, static_cast<scalar_t*>(a.grad), a.grad_stride, n, c, a.H, a.W, low[g],
-                         high[g], g_low[g] / T(counts[2 * g]), g_high[g] / T(counts[2 * g + 1]),
-                         counts[2 * g] == 0 || counts[2 * g + 1] == 0);
-    }
-  });
-}
-
 // Planes of all levels of one normalisation call, flattened: plane i lies in the level l with
 // first[l] <= i < first[l + 1].
 struct PlaneIndex {
@@ -980,27 +942,12 @@ void minmax_affine_impl(const NormLevel* levels, int count, int group, double ep
   }
 }
 
-template <typename scalar_t>
-void minmax_affine_bwd_impl(const NormLevel* levels, int count, int group) {
-  using T = AccType<scalar_t>;
+// dL/dx of every map from its groups' dL/dlow and dL/dhigh (g_bounds[l]: (g_low, g_high) per group),
+// each split evenly among the elements equal to the bound: ties counted per plane (integers: any
+// order gives the same counts), added per group, then every element's share written.
+template <typename scalar_t, typename T = AccType<scalar_t>>
+void split_among_ties(const NormLevel* levels, int count, int group, const std::vector<std::vector<T>>& g_bounds) {
   const PlaneIndex index(levels, count);
-  // dL/dlow and dL/dhigh per group, its planes in order, in double: scale = 1 / (high - low + eps)
-  // gives d scale / d high = -scale^2 = -d scale / d low; offset = low.
-  std::vector<std::vector<T>> g_bounds(static_cast<size_t>(count));
-  for (int l = 0; l < count; ++l) {
-    const NormLevel& lv = levels[l];
-    std::vector<double> sums(size_t(2 * group_count(group, lv.N, lv.C)), 0.0);
-    const T* affine = static_cast<const T*>(lv.affine);
-    const T* g_affine = static_cast<const T*>(lv.g_affine);
-    for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
-      const int64_t g = group_of_plane(group, plane / lv.C, plane % lv.C, lv.C);
-      const double through_scale = double(g_affine[2 * plane]) * double(affine[2 * plane]) * double(affine[2 * plane]);
-      sums[2 * g] += through_scale + double(g_affine[2 * plane + 1]);
-      sums[2 * g + 1] -= through_scale;
-    }
-    g_bounds[l].assign(sums.begin(), sums.end());
-  }
-  // Ties per plane, then per group.
   std::vector<int64_t> plane_counts(size_t(2 * index.total()));
   for_each_plane(index.total(), [&](int64_t i) {
     const int l = index.level_of(i);
@@ -1031,6 +978,54 @@ void minmax_affine_bwd_impl(const NormLevel* levels, int count, int group) {
                        lv.grad_stride, n, c, lv.H, lv.W, b[0], b[1], g_bounds[l][2 * g] / T(n_low),
                        g_bounds[l][2 * g + 1] / T(n_high), n_low == 0 || n_high == 0);
   });
+}
+
+template <typename scalar_t>
+void minmax_affine_bwd_impl(const NormLevel* levels, int count, int group) {
+  using T = AccType<scalar_t>;
+  // dL/dlow and dL/dhigh per group, its planes in order, in double: scale = 1 / (high - low + eps)
+  // gives d scale / d high = -scale^2 = -d scale / d low; offset = low.
+  std::vector<std::vector<T>> g_bounds(static_cast<size_t>(count));
+  for (int l = 0; l < count; ++l) {
+    const NormLevel& lv = levels[l];
+    std::vector<double> sums(size_t(2 * group_count(group, lv.N, lv.C)), 0.0);
+    const T* affine = static_cast<const T*>(lv.affine);
+    const T* g_affine = static_cast<const T*>(lv.g_affine);
+    for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
+      const int64_t g = group_of_plane(group, plane / lv.C, plane % lv.C, lv.C);
+      const double through_scale = double(g_affine[2 * plane]) * double(affine[2 * plane]) * double(affine[2 * plane]);
+      sums[2 * g] += through_scale + double(g_affine[2 * plane + 1]);
+      sums[2 * g + 1] -= through_scale;
+    }
+    g_bounds[l].assign(sums.begin(), sums.end());
+  }
+  split_among_ties<scalar_t>(levels, count, group, g_bounds);
+}
+
+// minmax_grad of one map: its per-group bounds and their gradients come as separate arrays.
+template <typename scalar_t>
+void minmax_grad_impl(const MinMaxGradArgs& a) {
+  using T = AccType<scalar_t>;
+  const int64_t groups = group_count(a.group, a.N, a.C);
+  std::vector<T> bounds(size_t(2 * groups));
+  std::vector<std::vector<T>> g_bounds(1, std::vector<T>(size_t(2 * groups)));
+  for (int64_t g = 0; g < groups; ++g) {
+    bounds[2 * g] = static_cast<const T*>(a.low)[g];
+    bounds[2 * g + 1] = static_cast<const T*>(a.high)[g];
+    g_bounds[0][2 * g] = static_cast<const T*>(a.g_low)[g];
+    g_bounds[0][2 * g + 1] = static_cast<const T*>(a.g_high)[g];
+  }
+  NormLevel lv{};
+  lv.x = a.x;
+  std::copy(a.x_stride, a.x_stride + 4, lv.x_stride);
+  lv.N = a.N;
+  lv.C = a.C;
+  lv.H = a.H;
+  lv.W = a.W;
+  lv.bounds = bounds.data();
+  lv.grad = a.grad;
+  std::copy(a.grad_stride, a.grad_stride + 4, lv.grad_stride);
+  split_among_ties<scalar_t>(&lv, 1, a.group, g_bounds);
 }
 
 }  // namespace

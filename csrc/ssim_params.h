@@ -134,6 +134,11 @@ SSIMKD_HD int64_t group_of_plane(int group, int64_t n, int64_t c, int64_t C) {
   return group == kGroupSample ? n : (group == kGroupLevel ? 0 : n * C + c);
 }
 
+// How many groups an (N, C, ...) map has.
+SSIMKD_HD int64_t group_count(int group, int64_t N, int64_t C) {
+  return group == kGroupSample ? N : (group == kGroupLevel ? 1 : N * C);
+}
+
 void minmax_grad_cpu(const MinMaxGradArgs& args);
 
 // One feature map of a fused min-max normalisation call (CPU): the per-group bounds, the per-plane
