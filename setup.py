@@ -57,7 +57,7 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
 
 sources = ["csrc/ops.cpp", "csrc/ssim_cpu.cpp", "csrc/ssim_cuda_emulated.cpp"]
-cuda_sources = ["csrc/ssim_cuda.cu"]
+cuda_sources = ["csrc/ssim_cuda.cu", "csrc/minmax_cuda.cu"]
 if WITH_CUDA and all((ROOT / s).exists() for s in cuda_sources):
     extension = CUDAExtension(
         "ssimkd_kernels._C",

@@ -154,11 +154,36 @@ TileShape tile_shape(const at::Tensor& x, Target target, bool backward) {
   return cpu_tile_shape(backward);
 }
 
-void launch(const FusedArgs& args, const at::Tensor& like, Target target, bool backward) {
-  if (target == Target::kCudaEmulated) {
-    backward ? ssim_bwd_cuda_emulated(args) : ssim_fwd_cuda_emulated(args);
-    return;
+// A tensor as the CUDA emulation's bounds checks see it; `role` names it as the kernels do.
+TensorExtent extent_of(const at::Tensor& t, const char* role, int64_t level = -1) {
+  TORCH_CHECK(t.dim() <= 4, "ssimkd: emulated launches take tensors of at most 4 dims, got ", role, " ", t.sizes());
+  TensorExtent e{};
+  e.data = t.numel() == 0 ? nullptr : t.data_ptr();
+  e.dim = int(t.dim());
+  for (int d = 0; d < e.dim; ++d) {
+    e.sizes[d] = t.size(d);
+    e.strides[d] = t.stride(d);
   }
+  e.element_size = int(t.element_size());
+  e.role = role;
+  e.level = level;
+  return e;
+}
+
+// The inputs of levels [begin, end): x, y and their affines.
+std::vector<TensorExtent> input_extents(at::TensorList xs, at::TensorList ys, at::TensorList x_affines,
+                                        at::TensorList y_affines, size_t begin, size_t end) {
+  std::vector<TensorExtent> out;
+  for (size_t l = begin; l < end; ++l) {
+    out.push_back(extent_of(xs[l], "x", int64_t(l)));
+    out.push_back(extent_of(ys[l], "y", int64_t(l)));
+    if (!x_affines.empty()) out.push_back(extent_of(x_affines[l], "x_affine", int64_t(l)));
+    if (!y_affines.empty()) out.push_back(extent_of(y_affines[l], "y_affine", int64_t(l)));
+  }
+  return out;
+}
+
+void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
 #ifdef SSIMKD_WITH_CUDA
   if (like.is_cuda()) {
     void* stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
@@ -197,7 +222,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
     at::Tensor partials = at::empty({args.total_tiles}, acc_opts);
     args.tile_partials = partials.data_ptr();
     args.level_losses = static_cast<char*>(losses.data_ptr()) + begin * losses.element_size();
-    launch(args, xs[0], target, false);
+    if constexpr (target == Target::kCudaEmulated) {
+      std::vector<TensorExtent> tensors = input_extents(xs, ys, x_affines, y_affines, begin, end);
+      for (size_t l = begin; l < end && write_map; ++l) tensors.push_back(extent_of(maps[l], "map", int64_t(l)));
+      tensors.push_back(extent_of(partials, "tile_partials"));
+      tensors.push_back(extent_of(losses.narrow(0, int64_t(begin), int64_t(end - begin)), "level_losses"));
+      ssim_fwd_cuda_emulated(args, tensors);
+    } else {
+      launch(args, xs[0], false);
+    }
   }
   return {losses, maps};
 }
@@ -252,11 +285,27 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
     }
     at::Tensor partials = at::empty({args.total_tiles, 4}, acc_opts);
     args.tile_partials = partials.data_ptr();
-    launch(args, xs[0], target, true);
+    if constexpr (target == Target::kCudaEmulated) {
+      std::vector<TensorExtent> tensors = input_extents(xs, ys, x_affines, y_affines, begin, end);
+      for (size_t l = begin; l < end; ++l) {
+        const auto level = int64_t(l);
+        tensors.push_back(extent_of(grad_losses_c.narrow(0, level, 1), "grad_loss", level));
+        if (!grad_maps.empty()) tensors.push_back(extent_of(grad_maps[l], "grad_map", level));
+        if (x_needs_grad) tensors.push_back(extent_of(gxs[l], "gx", level));
+        if (y_needs_grad) tensors.push_back(extent_of(gys[l], "gy", level));
+        if (!gxa.empty()) tensors.push_back(extent_of(gxa[l], "g_x_affine", level));
+        if (!gya.empty()) tensors.push_back(extent_of(gya[l], "g_y_affine", level));
+      }
+      tensors.push_back(extent_of(partials, "tile_partials"));
+      ssim_bwd_cuda_emulated(args, tensors);
+    } else {
+      launch(args, xs[0], true);
+    }
   }
   return {gxs, gys, gxa, gya};
 }
 
+template <Target target>
 at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Tensor& high, const at::Tensor& g_low,
                        const at::Tensor& g_high, int64_t group) {
   TORCH_CHECK(x.dim() == 4, "ssimkd: minmax_grad: x must be (N, C, H, W), got ", x.sizes());
@@ -288,6 +337,13 @@ at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Ten
   a.counts = counts.data_ptr();
   a.grad = grad.data_ptr();
   copy_strides(grad, a.grad_stride);
+  if constexpr (target == Target::kCudaEmulated) {
+    TORCH_CHECK(x.is_cpu(), "ssimkd: the emulated CUDA kernels run on CPU tensors");
+    minmax_grad_cuda_emulated(a, {extent_of(x, "x"), extent_of(low, "low"), extent_of(high, "high"),
+                                  extent_of(g_low, "g_low"), extent_of(g_high, "g_high"), extent_of(counts, "counts"),
+                                  extent_of(grad, "grad")});
+    return grad;
+  }
 #ifdef SSIMKD_WITH_CUDA
   if (x.is_cuda()) {
     minmax_grad_cuda(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
@@ -550,6 +606,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> minmax_affine_autog
           std::vector<at::Tensor>(out.begin() + count, out.end())};
 }
 
+void cuda_emulated_plant_bug_op(std::string bug, std::string site, int64_t value) {
+  cuda_emulated_plant_bug(bug, site, value);
+}
+
 }  // namespace
 
 // One schema for every implementation, after the op's name.
@@ -569,6 +629,10 @@ TORCH_LIBRARY(ssimkd, m) {
   m.def((std::string("fused_ssim_fwd_cuda_emulated") + kFwdSchema).c_str());
   m.def((std::string("fused_ssim_bwd_cuda_emulated") + kBwdSchema).c_str());
   m.def("minmax_grad(Tensor x, Tensor low, Tensor high, Tensor g_low, Tensor g_high, int group) -> Tensor");
+  m.def("minmax_grad_cuda_emulated(Tensor x, Tensor low, Tensor high, Tensor g_low, Tensor g_high, int group) -> Tensor");
+  // Tests of the emulation's checks only: plant a bug in later emulated launches; the barriers met.
+  m.def("cuda_emulated_plant_bug(str bug, str site, int value) -> ()", &cuda_emulated_plant_bug_op);
+  m.def("cuda_emulated_barrier_sites() -> str[]", &cuda_emulated_barrier_sites);
   m.def("minmax_affine(Tensor[] feats, int group, float eps) -> (Tensor[], Tensor[])");
   m.def("minmax_affine_bwd(Tensor[] grad_affines, Tensor[] feats, Tensor[] affines, Tensor[] bounds, int group) -> Tensor[]");
 }
@@ -578,7 +642,8 @@ TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {
   m.impl("fused_ssim_bwd", &fused_ssim_bwd<Target::kNative>);
   m.impl("fused_ssim_fwd_cuda_emulated", &fused_ssim_fwd<Target::kCudaEmulated>);
   m.impl("fused_ssim_bwd_cuda_emulated", &fused_ssim_bwd<Target::kCudaEmulated>);
-  m.impl("minmax_grad", &minmax_grad);
+  m.impl("minmax_grad", &minmax_grad<Target::kNative>);
+  m.impl("minmax_grad_cuda_emulated", &minmax_grad<Target::kCudaEmulated>);
   m.impl("minmax_affine", &minmax_affine);
   m.impl("minmax_affine_bwd", &minmax_affine_bwd);
 }
@@ -593,7 +658,7 @@ TORCH_LIBRARY_IMPL(ssimkd, Autograd, m) {
 TORCH_LIBRARY_IMPL(ssimkd, CUDA, m) {
   m.impl("fused_ssim_fwd", &fused_ssim_fwd<Target::kNative>);
   m.impl("fused_ssim_bwd", &fused_ssim_bwd<Target::kNative>);
-  m.impl("minmax_grad", &minmax_grad);
+  m.impl("minmax_grad", &minmax_grad<Target::kNative>);
 }
 #endif
 

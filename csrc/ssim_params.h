@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "ssim_math.h"
 
@@ -91,21 +93,28 @@ SSIMKD_HD SsimParams<T> make_ssim_params(const FusedArgs& a) {
 // (scale, offset) of plane (n, c) of a [N, C, 2] affine with element strides `stride`; identity for
 // null. The normalisation is x-hat = scale * (x - offset): subtracting first keeps x-hat exact near the
 // offset (the min), where scale * x + shift would cancel two large roundings when the range is tiny.
-template <typename T>
-SSIMKD_HD void plane_affine(const void* affine, const int64_t* stride, int64_t n, int64_t c, T* scale, T* offset) {
-  if (affine == nullptr) {
+// plane_affine_at takes any pointer-like `affine` (the CUDA emulation's are checked).
+template <typename T, typename Ptr>
+SSIMKD_HD void plane_affine_at(const Ptr& affine, const int64_t* stride, int64_t n, int64_t c, T* scale, T* offset) {
+  if (!affine) {
     *scale = T(1);
     *offset = T(0);
     return;
   }
-  const T* a = static_cast<const T*>(affine) + n * stride[0] + c * stride[1];
-  *scale = a[0];
-  *offset = a[stride[2]];
+  const int64_t at = n * stride[0] + c * stride[1];
+  *scale = affine[at];
+  *offset = affine[at + stride[2]];
 }
 
-// dL/d(scale, offset) of one plane from its sums (dL/dx-hat * (x - offset), dL/dx-hat), into g[0..1].
 template <typename T>
-SSIMKD_HD void affine_gradient(T scale, T sum_g_centred, T sum_g, T* g) {
+SSIMKD_HD void plane_affine(const void* affine, const int64_t* stride, int64_t n, int64_t c, T* scale, T* offset) {
+  plane_affine_at(static_cast<const T*>(affine), stride, n, c, scale, offset);
+}
+
+// dL/d(scale, offset) of one plane from its sums (dL/dx-hat * (x - offset), dL/dx-hat), into g[0..1]
+// (a pointer, or a pointer-like checked one).
+template <typename T, typename Out>
+SSIMKD_HD void affine_gradient(T scale, T sum_g_centred, T sum_g, const Out& g) {
   g[0] = sum_g_centred;
   g[1] = -scale * sum_g;
 }
@@ -192,11 +201,30 @@ TileShape cpu_tile_shape(bool backward);
 void ssim_fwd_cpu(const FusedArgs& args);
 void ssim_bwd_cpu(const FusedArgs& args);
 
-// The CUDA kernels' block code run on the host, one block and one thread at a time
-// (csrc/ssim_cuda_emulated.cpp): how machines without a GPU test ssim_cuda.cu. Tests only.
+// The CUDA kernels' block code run on the host with every thread of each block, checked for races,
+// out-of-bounds accesses, uninitialised shared reads and barrier divergence (ssim_cuda_emulated.cpp,
+// cuda_emulator.h): how machines without a GPU test the CUDA kernels. Tests only.
+//
+// Each launcher takes the extents of every tensor the launch reads or writes, so the emulation can
+// report an access outside its tensor by name.
+struct TensorExtent {
+  const void* data;
+  int dim;                       // at most 4
+  int64_t sizes[4], strides[4];  // strides in elements
+  int element_size;              // bytes
+  const char* role;              // what the kernels call it: "x", "gx", "tile_partials", ...
+  int64_t level;                 // the level it belongs to, or -1
+};
 TileShape cuda_emulated_tile_shape(DType dtype);
-void ssim_fwd_cuda_emulated(const FusedArgs& args);
-void ssim_bwd_cuda_emulated(const FusedArgs& args);
+void ssim_fwd_cuda_emulated(const FusedArgs& args, const std::vector<TensorExtent>& tensors);
+void ssim_bwd_cuda_emulated(const FusedArgs& args, const std::vector<TensorExtent>& tensors);
+void minmax_grad_cuda_emulated(const MinMaxGradArgs& args, const std::vector<TensorExtent>& tensors);
+// Plant a bug in later emulated launches ("none", "drop_barrier", "extra_barrier", "halo_rows",
+// "last_column"; cuda_emulator.h, PlantedBug), to show the checks find it. `site`: the barrier to
+// drop, as cuda_emulated_barrier_sites() names it, or "*" for all.
+void cuda_emulated_plant_bug(const std::string& bug, const std::string& site, int64_t value);
+// The barrier statements (file:line) the emulation has met, in the order first met.
+std::vector<std::string> cuda_emulated_barrier_sites();
 
 #ifdef SSIMKD_WITH_CUDA
 TileShape cuda_tile_shape(DType dtype);

@@ -14,8 +14,9 @@ import ssimkd_kernels as sk  # noqa: E402
 
 from ssimkd_kernels.ops import _OP_PAIRS, EMULATED_CUDA  # noqa: E402
 
-# The fused backends under test. "cuda_emulated" is ssim_cuda.cu's block code compiled for the host and
-# run one thread at a time on CPU tensors: how machines without a GPU test the CUDA kernels' code.
+# The fused backends under test. "cuda_emulated" is the CUDA kernels' block code compiled for the host
+# and run with every thread of each block on CPU tensors, checked for races, out-of-bounds accesses,
+# uninitialised shared reads and barrier divergence: how machines without a GPU test the CUDA kernels.
 FUSED_BACKENDS = ("cpu", "triton", "cuda", EMULATED_CUDA)
 
 

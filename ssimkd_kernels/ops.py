@@ -169,8 +169,9 @@ def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales
 _OP_PAIRS = {"triton": ("ssimkd::fused_ssim_fwd_triton", "ssimkd::fused_ssim_bwd_triton")}
 if _C is not None:
     _OP_PAIRS["cpu"] = _OP_PAIRS["cuda"] = ("ssimkd::fused_ssim_fwd", "ssimkd::fused_ssim_bwd")
-    # Test-only: the CUDA kernels' block code compiled for the host and run on CPU tensors, one block
-    # and one thread at a time (csrc/ssim_cuda_emulated.cpp). Not a user backend: it is slow.
+    # Test-only: the CUDA kernels' block code compiled for the host and run on CPU tensors, every thread
+    # of every block, with race, bounds, initialisation and barrier checks (csrc/ssim_cuda_emulated.cpp).
+    # Not a user backend: it is slow.
     _OP_PAIRS[EMULATED_CUDA] = ("ssimkd::fused_ssim_fwd_cuda_emulated", "ssimkd::fused_ssim_bwd_cuda_emulated")
 
 
@@ -288,6 +289,10 @@ def _group_minmax(feat: Tensor, mode: str) -> tuple[Tensor, Tensor]:
 @torch.library.register_fake("ssimkd::minmax_grad")
 def _minmax_grad_fake(x, low, high, g_low, g_high, group):
     return torch.empty_like(x)
+
+
+if _C is not None:  # the CUDA kernels of minmax_grad emulated on the host (tests only)
+    torch.library.register_fake("ssimkd::minmax_grad_cuda_emulated")(_minmax_grad_fake)
 
 
 def _minmax_grad_eager(x, low, high, g_low, g_high, mode) -> Tensor:
