@@ -148,6 +148,7 @@ const GlobalTensor* find_tensor(const void* data, int element_size);  // null fo
 bool tensor_contains(const GlobalTensor& t, int64_t offset);          // offset: elements from its data
 int64_t tensor_size(const GlobalTensor& t, int dim);
 [[noreturn]] void report_global_out_of_bounds(const GlobalTensor& t, int64_t offset);
+[[noreturn]] void report_null_access();
 [[noreturn]] void report_plane_out_of_bounds(const GlobalTensor& t, int64_t plane, int64_t h, int64_t w);
 
 // A flat view of a tensor from `offset` elements on; every access checked against the tensor.
@@ -158,7 +159,8 @@ class GlobalArray {
   GlobalArray(T* data, const GlobalTensor* tensor, int64_t offset) : data_(data), tensor_(tensor), offset_(offset) {}
   T& operator[](int64_t i) const {
     const int64_t at = offset_ + i;
-    if (tensor_ == nullptr || !tensor_contains(*tensor_, at)) report_global_out_of_bounds(*tensor_, at);
+    if (tensor_ == nullptr) report_null_access();
+    if (!tensor_contains(*tensor_, at)) report_global_out_of_bounds(*tensor_, at);
     return data_[at];
   }
   GlobalArray operator+(int64_t d) const { return {data_, tensor_, offset_ + d}; }
@@ -179,6 +181,7 @@ class GlobalPlane {
   GlobalPlane(T* data, const GlobalTensor* tensor, int64_t plane, int64_t start, int64_t row, int64_t col)
       : data_(data), tensor_(tensor), plane_(plane), start_(start), row_(row), col_(col) {}
   T& operator()(int64_t h, int64_t w) const {
+    if (tensor_ == nullptr) report_null_access();
     const int64_t at = start_ + h * row_ + w * col_;
     if (h < 0 || w < 0 || h >= tensor_size(*tensor_, 2) || w >= tensor_size(*tensor_, 3) || plane_ < 0 ||
         plane_ >= tensor_size(*tensor_, 0) * tensor_size(*tensor_, 1))

@@ -446,6 +446,9 @@ void thread_main(void* arg) {
   } catch (const std::exception& e) {
     t.state = Run::kFailed;
     r.error_ = e.what();
+  } catch (...) {  // nothing may unwind past a fiber's first frame
+    t.state = Run::kFailed;
+    r.error_ = "ssimkd emulation: an unknown exception in " + r.where();
   }
   fiber_switch(t.fiber, r.main_);
   std::abort();  // a finished fiber is never resumed
@@ -581,6 +584,10 @@ int64_t tensor_size(const GlobalTensor& t, int dim) { return dim < t.extent.dim 
 void report_global_out_of_bounds(const GlobalTensor& t, int64_t offset) {
   throw Violation("ssimkd emulated memcheck: access outside tensor " + t.label + " " + shape_string(t.extent) + " at " +
                   offset_string(t, offset) + ", " + thread_context());
+}
+
+void report_null_access() {
+  throw Violation("ssimkd emulated memcheck: access through a null global pointer, " + thread_context());
 }
 
 void report_plane_out_of_bounds(const GlobalTensor& t, int64_t plane, int64_t h, int64_t w) {
