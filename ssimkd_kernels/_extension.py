@@ -341,17 +341,17 @@ def _build_folder(torch, plan: BuildPlan, compiler: str, digest: str) -> Path:
 
 def _check_build_tools(folder: Path) -> str:
     """The compiler's id; BuildError naming what is missing for a build."""
-    from torch.utils.cpp_extension import is_ninja_available
-
     if not folder.is_dir():
         raise BuildError(f"the extension's sources (csrc/) are not where the package expects them: {folder}")
-    if not is_ninja_available():
-        raise BuildError("ninja is not installed (`pip install ninja`)")
     cxx = _build.cxx_compiler()
     compiler = _build.compiler_id(cxx)
     if compiler is None:
-        where = f"CXX={cxx}" if os.environ.get("CXX") else f"`{cxx}`"
+        where = f"CXX={cxx}" if os.environ.get("CXX") else "the default compiler"
         raise BuildError(f"no working C++ compiler: `{cxx} --version` failed ({where})")
+    from torch.utils.cpp_extension import is_ninja_available  # after the compiler: its import logs about CUDA
+
+    if not is_ninja_available():
+        raise BuildError("ninja is not installed (`pip install ninja`)")
     python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not python_h.exists():
         raise BuildError(f"Python's C headers are missing ({python_h}): install the python{sys.version_info.major}."
@@ -434,7 +434,8 @@ def _compile(torch, plan: BuildPlan, *, why: str = "", asked: bool = False, fres
                          f"(log: {failed_log})") from error
     seconds = time.perf_counter() - start
     failed_log.unlink(missing_ok=True)
-    library = Path(library)
+    # Recent torch returns the library's path (named _C_v<N> after an in-process rebuild); 2.4 returns None.
+    library = Path(library) if library else build_folder / f"{_build.EXTENSION_NAME}.so"
     _build.write_record(library, _build.build_record(
         torch, gpu_kernels=plan.gpu_kernels, cuda_arch_list=plan.cuda_arch_list, compiler=compiler,
         source_digest=digest, built_by="first use"))

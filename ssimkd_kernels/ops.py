@@ -25,6 +25,7 @@ all of them are here. The min-max normalisation's statistics are ssimkd::minmax_
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import List, Tuple  # noqa: UP035 (torch 2.4, see the Triton ops)
@@ -331,7 +332,7 @@ def plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
     the formula once over all maps together; each result is a broadcast view, which the fused ops read
     in place.
     """
-    if feats[0].device.type == "cpu" and _native_extension() is not None:
+    if feats[0].device.type == "cpu" and _has_extension():
         affines, _ = torch.ops.ssimkd.minmax_affine(feats, _GROUP_CODES[mode], NORM_EPS)
         return list(affines)
     lows, highs = zip(*(GroupMinMax.apply(f, mode) for f in feats))
@@ -377,6 +378,17 @@ _NATIVE_FAKES = {
 _native_fakes_registered = False
 
 
+def _caller_stacklevel() -> int:
+    """The warnings stacklevel, seen from the caller of this function, of the first frame outside this
+    package and torch: the user's line that asked for a backend."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((package, torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _native_extension(build: bool = True) -> _extension.Extension | None:
     """The C++ extension, loaded on first call (compiled first when build and none fits this torch),
     with the fake kernels of its ops registered; None when there is none (a failed build warns once)."""
@@ -390,7 +402,7 @@ def _native_extension(build: bool = True) -> _extension.Extension | None:
         if notice:
             remaining = [b for b in BACKENDS if b not in ("cpu", "cuda") and _unavailable(b) is None]
             warnings.warn(f"ssimkd_kernels: {notice}. Backends that remain: {', '.join(remaining)}",
-                          _extension.ExtensionWarning, stacklevel=3)
+                          _extension.ExtensionWarning, stacklevel=_caller_stacklevel())
         return None
     if not _native_fakes_registered:
         _native_fakes_registered = True
@@ -413,13 +425,31 @@ def _triton_version() -> tuple[int, ...] | None:
     return tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
 
 
+@torch.compiler.assume_constant_result  # torch 2.4's dynamo cannot trace os.environ.get of a missing name
+def _environment(name: str) -> str:
+    return os.environ.get(name, "")
+
+
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _environment("TRITON_INTERPRET") == "1"
+
+
+# _has_extension and _why_unavailable are run, not traced, by torch.compile, their answers constants of the
+# graph: they may load or compile the extension (file and import work that dynamo cannot trace), and
+# their answers do not change once given.
+@torch.compiler.assume_constant_result
+def _has_extension() -> bool:
+    return _native_extension() is not None
 
 
 def _unavailable(backend: str, build: bool = True) -> str | None:
     """Why `backend` cannot run here, or None when it can. build=False: report without compiling the
     extension (`ssimkd info`)."""
+    return _why_unavailable(backend, build)
+
+
+@torch.compiler.assume_constant_result  # (no default arguments: torch 2.4's dynamo binds them wrongly)
+def _why_unavailable(backend: str, build: bool) -> str | None:
     if backend in ("reference", "auto"):
         return None
     if backend == "triton":
@@ -478,12 +508,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     too), cpu -> reference on CPU tensors, and the reference on any other device (mps, xpu, ...).
     """
     if backend == "auto":
-        forced = os.environ.get("SSIMKD_BACKEND", "")
+        forced = _environment("SSIMKD_BACKEND")
         if forced and forced != "auto":
             backend = forced
         else:
             order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
-            return next((b for b in order if _unavailable(b) is None), "reference")
+            for candidate in order:  # a loop, not next(generator, default): torch 2.4's dynamo lacks that
+                if _unavailable(candidate) is None:
+                    return candidate
+            return "reference"
     if backend == EMULATED_CUDA:
         why = _unavailable(EMULATED_CUDA)
         if why is not None:
