@@ -150,11 +150,13 @@ def test_library_built_for_another_torch_is_skipped_unloaded(tmp_path, stand_in)
     record = _build.build_record(torch, gpu_kernels=False, cuda_arch_list=None, compiler="gcc 12", source_digest="0",
                                  built_by="setup.py")
     _build.write_record(installed, {**record, "torch": "1.0.0", "cxx11_abi": not record["cxx11_abi"]})
-    state, _ = _run_loader(tmp_path, stand_in, SSIMKD_NO_JIT="1")
+    state, _ = _run_loader(tmp_path, stand_in, action="ops", SSIMKD_NO_JIT="1")
     assert not state["loaded"]
     assert f"the installed extension {installed} was built for torch 1.0.0" in state["reason"], state
     assert f"but this is torch {torch.__version__}" in state["reason"] and "not loaded" in state["reason"]
     assert "failed to load" not in state["reason"]  # never opened
+    [warning] = state["warnings"]  # skipped with a message, not silently
+    assert "was built for torch 1.0.0" in warning and "Backends that remain: reference" in warning
 
 
 @needs_compiler

@@ -106,8 +106,8 @@ def load(build: bool = True) -> Extension | None:
     Returns None when there is none; reason() says why.
     """
     global _loaded, _failure, _pending, _notice
-    if _loaded is not None or _failure is not None:
-        return _loaded
+    if _loaded is not None or _failure is not None or (_pending is not None and not build):
+        return _loaded  # settled, or looked already without building (ROCm asks on every GPU call)
     with _lock:
         if _loaded is not None or _failure is not None:
             return _loaded
@@ -125,9 +125,11 @@ def load(build: bool = True) -> Extension | None:
             return None
         if found is None:
             if os.environ.get(NO_JIT_VARIABLE, "0") == "1":
+                problems = bool(notes)  # a library was there but unusable: say so, even though no build was asked
                 notes.append(f"no extension was built ahead for torch {torch.__version__}, and {NO_JIT_VARIABLE}=1 "
                              "turns the first-use build off")
                 _failure = "; ".join(notes)
+                _notice = f"the C++ extension is not available: {_failure}" if problems else None
                 return None
             try:
                 found = _compile(torch, build_plan(torch), why=" ".join(notes))
@@ -215,9 +217,9 @@ def _find_cached(torch) -> Path | None:
         record = _build.read_record(library)
         if record is None or record.get("sources") != digest or _mismatch(torch, record):
             continue
-        has_gpu = record.get("gpu_kernels") and all(covers(record.get("cuda_arch_list") or "", c) for c in capabilities)
-        if wants_gpu and not has_gpu:
-            continue
+        arch_list = record.get("cuda_arch_list") or ""
+        if wants_gpu and not (record.get("gpu_kernels") and all(covers(arch_list, c) for c in capabilities)):
+            continue  # a GPU build is wanted here: not one without kernels for these GPUs
         return library
     return None
 

@@ -457,7 +457,8 @@ def _why_unavailable(backend: str, build: bool) -> str | None:
         if version is None:
             return "the triton package is not installed"
         if version < MIN_TRITON_VERSION:
-            return f"triton {'.'.join(map(str, version))} is older than the kernels need (>= {'.'.join(map(str, MIN_TRITON_VERSION))})"
+            have, need = ".".join(map(str, version)), ".".join(map(str, MIN_TRITON_VERSION))
+            return f"triton {have} is older than the kernels need (>= {need})"
         if not (torch.cuda.is_available() or _triton_interpreted()):
             return "it needs a CUDA device (or TRITON_INTERPRET=1, which runs it on CPU tensors)"
         return None
