@@ -6,20 +6,26 @@ PIP := $(PY) -m pip
 # pytest workers; CI machines have 2 cores.
 JOBS ?= 2
 
-.PHONY: setup setup-mmdet build test test-fast demo bench info cmake-test clean
+.PHONY: setup setup-mmdet build dist test test-fast demo bench info cmake-test clean
 
 setup: $(VENV)/.installed
 
-# The venv, the pinned requirements, then the editable build of the extension (CPU always; CUDA
-# kernels too where nvcc is found: setup.py locates the toolkit).
-$(VENV)/.installed: pyproject.toml setup.py requirements/runtime.txt requirements/dev.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
+# The venv, the pinned requirements, then the editable install with the extension built ahead, in
+# place, against the venv's torch (SSIMKD_BUILD_EXT=1: CPU always; CUDA kernels too where nvcc is
+# found, setup.py locates the toolkit). A plain `pip install .` builds no extension (it compiles on
+# first use instead).
+$(VENV)/.installed: pyproject.toml setup.py ssimkd_kernels/_build.py requirements/runtime.txt requirements/dev.txt $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements/dev.txt
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	SSIMKD_BUILD_EXT=1 $(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 build: setup
+
+# The sdist and the pure-Python wheel (py3-none-any), in dist/.
+dist: setup
+	$(PY) -m build --outdir dist .
 
 # The mmdetection integration's stack (requirements/mmdet.txt): mmengine, mmcv with its CPU ops built
 # from source (the wheel is cached, so only the first build on a machine is slow), mmdet.
@@ -50,4 +56,4 @@ cmake-test:
 	ctest --test-dir cmake-build --output-on-failure
 
 clean:
-	rm -rf build cmake-build *.egg-info ssimkd_kernels/_C*.so
+	rm -rf build dist cmake-build *.egg-info ssimkd_kernels/_C*.so ssimkd_kernels/_C*.so.json

@@ -1,77 +1,91 @@
-"""Builds ssimkd_kernels._C: the fused CPU op always, the CUDA kernels too when a CUDA toolkit is found.
+"""Builds ssimkd-kernels: by default a pure-Python wheel (py3-none-any) that installs without a compiler.
+
+The reference and Triton backends need nothing more; the C++ extension ssimkd_kernels._C (the CPU op,
+and the CUDA kernels where a toolkit is found) is compiled on first use or by `ssimkd build`, from the
+csrc/ that the wheel carries as ssimkd_kernels/csrc.
 
 Environment:
+    SSIMKD_BUILD_EXT=1      also build the extension now, against the torch installed in the running
+                            environment: `SSIMKD_BUILD_EXT=1 pip install --no-build-isolation .`
+                            (`make setup` does this, editable). The wheel is then platform-specific.
     SSIMKD_NO_CUDA=1        build the CPU op only, even where nvcc exists.
-    CUDA_HOME               the toolkit to use; found from `nvcc` on PATH when unset (see below).
+    CUDA_HOME               the toolkit to use; found from `nvcc` on PATH when unset.
     TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0+PTX" (A100, H100/H200, PTX for newer).
 """
 
+import importlib.util
 import os
-import re
-import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-ROOT = Path(__file__).parent
-
-
-def _toolkit_from_nvcc() -> str | None:
-    """The CUDA toolkit folder behind the `nvcc` on PATH.
-
-    torch's builder guesses CUDA_HOME from nvcc's location, which is wrong when nvcc is a wrapper
-    script (`exec <toolkit>/bin/nvcc "$@"`): follow the script to the compiler it runs.
-    """
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    with open(nvcc, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"#!"):
-        match = re.search(rb"""exec\s+["']?(\S+?/bin/nvcc)\b""", head)
-        if match is None:
-            return None
-        nvcc = match.group(1).decode()
-    return str(Path(os.path.realpath(nvcc)).parent.parent)
+ROOT = Path(__file__).resolve().parent
 
 
-def _want_cuda() -> bool:
-    if os.environ.get("SSIMKD_NO_CUDA", "0") == "1":
-        return False
-    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
-        toolkit = _toolkit_from_nvcc()
-        if toolkit is None or not (Path(toolkit) / "bin" / "nvcc").exists():
-            return False
+def _load_recipe():
+    """ssimkd_kernels/_build.py, loaded by path: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_ssimkd_build", ROOT / "ssimkd_kernels" / "_build.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def _extension_options(recipe) -> dict:
+    toolkit = recipe.find_cuda_toolkit()
+    if toolkit is not None:
         os.environ["CUDA_HOME"] = toolkit
-    return True
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", recipe.DEFAULT_CUDA_ARCH_LIST)
+    try:
+        # Imported after CUDA_HOME is settled: torch reads it once, at import.
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as error:
+        raise SystemExit(
+            "SSIMKD_BUILD_EXT=1 builds the extension against the torch of this environment, and none is "
+            f"importable ({error}): install torch first and build with `pip install --no-build-isolation`"
+        ) from error
+
+    folder = ROOT / "csrc"
+    with_cuda = toolkit is not None
+    source_files = [str(p.relative_to(ROOT)) for p in recipe.sources(folder, cuda=with_cuda)]
+    if with_cuda:
+        extension = CUDAExtension(
+            f"ssimkd_kernels.{recipe.EXTENSION_NAME}",
+            source_files,
+            define_macros=[(recipe.CUDA_MACRO, None)],
+            extra_compile_args={"cxx": recipe.CXX_FLAGS, "nvcc": recipe.NVCC_FLAGS},
+            extra_link_args=recipe.LD_FLAGS,
+        )
+    else:
+        extension = CppExtension(
+            f"ssimkd_kernels.{recipe.EXTENSION_NAME}",
+            source_files,
+            extra_compile_args={"cxx": recipe.CXX_FLAGS},
+            extra_link_args=recipe.LD_FLAGS,
+        )
+
+    class BuildWithRecord(BuildExtension):
+        """torch's builder, plus the build record beside the library (read by ssimkd_kernels/_extension.py)."""
+
+        def run(self):
+            super().run()
+            record = recipe.build_record(
+                torch, gpu_kernels=with_cuda, cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"],
+                compiler=recipe.compiler_id(recipe.cxx_compiler()), source_digest=recipe.source_hash(folder),
+                built_by="setup.py",
+            )
+            for ext in self.extensions:
+                # The final location: in the source tree for in-place and editable builds.
+                recipe.write_record(Path(self.get_ext_fullpath(ext.name)), record)
+
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithRecord}}
 
 
-WITH_CUDA = _want_cuda()
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-
-# Imported after CUDA_HOME is settled: torch reads it once, at import.
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
-# torch 2.14's headers need C++20 on both compilers.
-NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
-
-sources = ["csrc/ops.cpp", "csrc/ssim_cpu.cpp", "csrc/ssim_cuda_emulated.cpp"]
-cuda_sources = ["csrc/ssim_cuda.cu", "csrc/minmax_cuda.cu"]
-if WITH_CUDA and all((ROOT / s).exists() for s in cuda_sources):
-    extension = CUDAExtension(
-        "ssimkd_kernels._C",
-        sources + cuda_sources,
-        define_macros=[("SSIMKD_WITH_CUDA", None)],
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-        extra_link_args=["-fopenmp"],
-    )
-else:
-    extension = CppExtension(
-        "ssimkd_kernels._C",
-        sources,
-        extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
-    )
-
-setup(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
+RECIPE = _load_recipe()
+setup(
+    # csrc/ travels inside the package as ssimkd_kernels/csrc: the first-use build compiles it.
+    packages=find_packages(include=["ssimkd_kernels", "ssimkd_kernels.*"]) + ["ssimkd_kernels.csrc"],
+    package_dir={"ssimkd_kernels.csrc": "csrc"},
+    package_data={"ssimkd_kernels.csrc": list(RECIPE.SOURCE_PATTERNS)},
+    **(_extension_options(RECIPE) if os.environ.get("SSIMKD_BUILD_EXT", "0") == "1" else {}),
+)

@@ -32,3 +32,7 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 # Levels handled by one launch of a fused kernel; more levels run in several launches of this many.
 # Bounded so the C++ level table (~330 B a level) fits in the classic 4 KiB of CUDA kernel parameters.
 MAX_LEVELS_PER_LAUNCH = 8
+
+# The oldest triton the Triton kernels run on: 3.0 and 3.1 (paired with torch 2.4 and 2.5) reject their
+# non-constexpr tl.arange bounds. Older installs report the backend unavailable; "auto" then skips it.
+MIN_TRITON_VERSION = (3, 2)

@@ -11,8 +11,8 @@ import torch
 
 
 def _info(args) -> int:
-    from . import __version__
-    from .ops import CUDA_COMPILED, EXTENSION_ERROR, available_backends
+    from . import __version__, _extension
+    from .ops import backend_report
 
     try:
         import triton
@@ -20,13 +20,15 @@ def _info(args) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    backends = backend_report(build=False)  # reports; compiles nothing (`ssimkd build` does)
     info = {
         "ssimkd_kernels": __version__,
-        "backends": available_backends(),
-        "cuda_compiled": CUDA_COMPILED,
-        "extension_error": None if EXTENSION_ERROR is None else str(EXTENSION_ERROR),
+        "backends": backends,
+        "available_backends": [name for name, state in backends.items() if state["available"]],
+        "extension": _extension.describe(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
+        "torch_hip": torch.version.hip,
         "triton": triton_version,
         "python": platform.python_version(),
         "cuda_available": torch.cuda.is_available(),
@@ -35,10 +37,41 @@ def _info(args) -> int:
     }
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        width = max(map(len, info))
-        for key, value in info.items():
+        return 0
+    width = max(map(len, info))
+    for key, value in info.items():
+        if key == "backends":
+            for name, state in value.items():
+                verdict = "available" if state["available"] else f"unavailable: {state['reason']}"
+                print(f"{'backend ' + name:<{width}}  {verdict}")
+        elif key == "extension":
+            where = f"{value['origin']}: {value['path']}" if value["loaded"] else value["reason"]
+            print(f"{'extension':<{width}}  {where}")
+        else:
             print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _build(args) -> int:
+    import time
+
+    from . import _extension
+
+    start = time.perf_counter()
+    try:
+        ext, compiled = _extension.build(force=args.force)
+    except _extension.BuildError as error:
+        print(f"ssimkd build: {error}", file=sys.stderr)
+        return 1
+    kernels = "CPU op and GPU kernels" if ext.gpu_kernels else "CPU op"
+    if compiled:
+        print(f"built the C++ extension ({kernels}) in {time.perf_counter() - start:.0f} s: {ext.path}")
+    else:
+        print(f"the C++ extension ({kernels}) for torch {torch.__version__} is already built: {ext.path}"
+              + ("" if ext.origin == "installed" else " (--force compiles it anew)"))
+    plan = _extension.build_plan(torch)
+    if not ext.gpu_kernels and plan.cpu_only_because:
+        print(f"no GPU kernels: {plan.cpu_only_because}")
     return 0
 
 
@@ -141,9 +174,12 @@ def _add_distill_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssimkd", description="Fused SSIM for Structural Knowledge Distillation")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="backends, versions and whether CUDA kernels were compiled in")
+    info = sub.add_parser("info", help="each backend, available or why not; the C++ extension; versions")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_info)
+    build = sub.add_parser("build", help="compile the C++ extension for this torch now (else: on first use)")
+    build.add_argument("--force", action="store_true", help="compile it anew, even where a first-use build exists")
+    build.set_defaults(func=_build)
     bench = sub.add_parser("bench", help="speed and memory of every backend and peer (bench/bench_ssim.py)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench/bench_ssim.py")
     bench.set_defaults(func=_bench)

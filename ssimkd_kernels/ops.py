@@ -21,28 +21,22 @@ all of them are here. The min-max normalisation's statistics are ssimkd::minmax_
 (one op for every map; autograd in C++) and GroupMinMax elsewhere (see plane_affines).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch 2.4's custom_op reads the annotations as objects.
 import math
 import os
+import re
+import sys
+import warnings
 from dataclasses import dataclass
+from typing import List, Tuple  # noqa: UP035 (torch 2.4, see the Triton ops)
 
 import torch
 from torch import Tensor
 
-from ._constants import BACKENDS, NORM_EPS, NORMALIZE_DIMS, PADDING_CODES
+from . import _extension
+from ._constants import BACKENDS, MIN_TRITON_VERSION, NORM_EPS, NORMALIZE_DIMS, PADDING_CODES
 
 EMULATED_CUDA = "cuda_emulated"
-
-try:
-    from . import _C  # noqa: F401  (loading it registers the C++ ops)
-
-    CUDA_COMPILED = bool(_C.CUDA_COMPILED)
-    EXTENSION_ERROR: Exception | None = None
-except ImportError as error:  # a source checkout without a build: the reference still works
-    _C = None
-    CUDA_COMPILED = False
-    EXTENSION_ERROR = error
 
 
 @dataclass(frozen=True)
@@ -82,17 +76,18 @@ def _output_extent(n, window_size: int, padding: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton ops (the C++ ops are defined by csrc/ops.cpp)
+# Triton ops (the C++ ops are defined by csrc/ops.cpp). typing's List and Tuple: torch 2.4's schema
+# inference does not know list[...] and tuple[...].
 # ------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("ssimkd::fused_ssim_fwd_triton", mutates_args=())
 def _fused_ssim_fwd_triton(
-    xs: list[Tensor],
-    ys: list[Tensor],
-    x_affines: list[Tensor],
-    y_affines: list[Tensor],
-    level_scales: list[float],
+    xs: List[Tensor],
+    ys: List[Tensor],
+    x_affines: List[Tensor],
+    y_affines: List[Tensor],
+    level_scales: List[float],
     window_size: int,
     sigma: float,
     c1: float,
@@ -103,7 +98,7 @@ def _fused_ssim_fwd_triton(
     gamma: float,
     clamp: bool,
     write_map: bool,
-) -> tuple[Tensor, list[Tensor]]:
+) -> Tuple[Tensor, List[Tensor]]:
     from .triton_kernels import ssim_fwd_triton
 
     options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp)
@@ -113,12 +108,12 @@ def _fused_ssim_fwd_triton(
 @torch.library.custom_op("ssimkd::fused_ssim_bwd_triton", mutates_args=())
 def _fused_ssim_bwd_triton(
     grad_losses: Tensor,
-    grad_maps: list[Tensor],
-    xs: list[Tensor],
-    ys: list[Tensor],
-    x_affines: list[Tensor],
-    y_affines: list[Tensor],
-    level_scales: list[float],
+    grad_maps: List[Tensor],
+    xs: List[Tensor],
+    ys: List[Tensor],
+    x_affines: List[Tensor],
+    y_affines: List[Tensor],
+    level_scales: List[float],
     window_size: int,
     sigma: float,
     c1: float,
@@ -130,7 +125,7 @@ def _fused_ssim_bwd_triton(
     clamp: bool,
     x_needs_grad: bool,
     y_needs_grad: bool,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
     from .triton_kernels import ssim_bwd_triton
 
     options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp)
@@ -166,13 +161,16 @@ def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales
     return gxs, gys, gxa, gya
 
 
-_OP_PAIRS = {"triton": ("ssimkd::fused_ssim_fwd_triton", "ssimkd::fused_ssim_bwd_triton")}
-if _C is not None:
-    _OP_PAIRS["cpu"] = _OP_PAIRS["cuda"] = ("ssimkd::fused_ssim_fwd", "ssimkd::fused_ssim_bwd")
+_OP_PAIRS = {
+    "triton": ("ssimkd::fused_ssim_fwd_triton", "ssimkd::fused_ssim_bwd_triton"),
+    # Defined by the C++ extension: they exist once it is loaded (_native_extension).
+    "cpu": ("ssimkd::fused_ssim_fwd", "ssimkd::fused_ssim_bwd"),
+    "cuda": ("ssimkd::fused_ssim_fwd", "ssimkd::fused_ssim_bwd"),
     # Test-only: the CUDA kernels' block code compiled for the host and run on CPU tensors, every thread
     # of every block, with race, bounds, initialisation and barrier checks (csrc/ssim_cuda_emulated.cpp).
     # Not a user backend: it is slow.
-    _OP_PAIRS[EMULATED_CUDA] = ("ssimkd::fused_ssim_fwd_cuda_emulated", "ssimkd::fused_ssim_bwd_cuda_emulated")
+    EMULATED_CUDA: ("ssimkd::fused_ssim_fwd_cuda_emulated", "ssimkd::fused_ssim_bwd_cuda_emulated"),
+}
 
 
 def _op(qualified_name: str):
@@ -254,9 +252,8 @@ def _map_shape(x: Tensor, options: tuple) -> tuple[int, int, int, int]:
             _output_extent(x.shape[3], window_size, padding))
 
 
-for _fwd_name, _bwd_name in set(_OP_PAIRS.values()):
-    torch.library.register_fake(_fwd_name)(_fwd_fake)
-    torch.library.register_fake(_bwd_name)(_bwd_fake)
+torch.library.register_fake(_OP_PAIRS["triton"][0])(_fwd_fake)
+torch.library.register_fake(_OP_PAIRS["triton"][1])(_bwd_fake)
 # The C++ ops' autograd is registered in C++ (csrc/ops.cpp); the Triton pair's here.
 _setup, _backward = _make_autograd(_OP_PAIRS["triton"][1])
 torch.library.register_autograd(_OP_PAIRS["triton"][0], _backward, setup_context=_setup)
@@ -286,13 +283,8 @@ def _group_minmax(feat: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     return low.to(acc), high.to(acc)
 
 
-@torch.library.register_fake("ssimkd::minmax_grad")
 def _minmax_grad_fake(x, low, high, g_low, g_high, group):
     return torch.empty_like(x)
-
-
-if _C is not None:  # the CUDA kernels of minmax_grad emulated on the host (tests only)
-    torch.library.register_fake("ssimkd::minmax_grad_cuda_emulated")(_minmax_grad_fake)
 
 
 def _minmax_grad_eager(x, low, high, g_low, g_high, mode) -> Tensor:
@@ -323,8 +315,8 @@ class GroupMinMax(torch.autograd.Function):
         feat, low, high = ctx.saved_tensors
         g_low = torch.zeros_like(low) if g_low is None else g_low.to(low.dtype).contiguous()
         g_high = torch.zeros_like(high) if g_high is None else g_high.to(high.dtype).contiguous()
-        native = _C is not None and (feat.device.type == "cpu" or (feat.device.type == "cuda" and CUDA_COMPILED))
-        if native:
+        ext = _extension.loaded()  # the forward resolved the backend: loaded by then if it can be
+        if ext is not None and (feat.device.type == "cpu" or (feat.device.type == "cuda" and ext.gpu_kernels)):
             grad = torch.ops.ssimkd.minmax_grad(feat, low, high, g_low, g_high, _GROUP_CODES[ctx.mode])
         else:
             grad = _minmax_grad_eager(feat, low, high, g_low, g_high, ctx.mode)
@@ -341,7 +333,7 @@ def plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
     the formula once over all maps together; each result is a broadcast view, which the fused ops read
     in place.
     """
-    if _C is not None and feats[0].device.type == "cpu":
+    if feats[0].device.type == "cpu" and _has_extension():
         affines, _ = torch.ops.ssimkd.minmax_affine(feats, _GROUP_CODES[mode], NORM_EPS)
         return list(affines)
     lows, highs = zip(*(GroupMinMax.apply(f, mode) for f in feats))
@@ -360,18 +352,65 @@ def _group_count(code: int, n: int, c: int) -> int:
     return {_GROUP_CODES["sample"]: n, _GROUP_CODES["level"]: 1, _GROUP_CODES["plane"]: n * c}[code]
 
 
-if _C is not None:
+def _minmax_affine_fake(feats, group, eps):
+    acc = _accumulation_dtype(feats[0].dtype)
+    affines = [f.new_empty((f.shape[0], f.shape[1], 2), dtype=acc) for f in feats]
+    bounds = [f.new_empty((_group_count(group, f.shape[0], f.shape[1]), 2), dtype=acc) for f in feats]
+    return affines, bounds
 
-    @torch.library.register_fake("ssimkd::minmax_affine")
-    def _minmax_affine_fake(feats, group, eps):
-        acc = _accumulation_dtype(feats[0].dtype)
-        affines = [f.new_empty((f.shape[0], f.shape[1], 2), dtype=acc) for f in feats]
-        bounds = [f.new_empty((_group_count(group, f.shape[0], f.shape[1]), 2), dtype=acc) for f in feats]
-        return affines, bounds
 
-    @torch.library.register_fake("ssimkd::minmax_affine_bwd")
-    def _minmax_affine_bwd_fake(grad_affines, feats, affines, bounds, group):
-        return [torch.empty_like(f) for f in feats]
+def _minmax_affine_bwd_fake(grad_affines, feats, affines, bounds, group):
+    return [torch.empty_like(f) for f in feats]
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ extension: loaded (or compiled) on first need, its ops' fakes registered then
+# ------------------------------------------------------------------------------------------------
+
+_NATIVE_FAKES = {
+    _OP_PAIRS["cpu"][0]: _fwd_fake,
+    _OP_PAIRS["cpu"][1]: _bwd_fake,
+    _OP_PAIRS[EMULATED_CUDA][0]: _fwd_fake,
+    _OP_PAIRS[EMULATED_CUDA][1]: _bwd_fake,
+    "ssimkd::minmax_grad": _minmax_grad_fake,
+    "ssimkd::minmax_grad_cuda_emulated": _minmax_grad_fake,  # its CUDA kernels emulated on the host (tests)
+    "ssimkd::minmax_affine": _minmax_affine_fake,
+    "ssimkd::minmax_affine_bwd": _minmax_affine_bwd_fake,
+}
+_native_fakes_registered = False
+
+
+def _caller_stacklevel() -> int:
+    """The warnings stacklevel, seen from the caller of this function, of the first frame outside this
+    package and torch: the user's line that asked for a backend."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((package, torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _native_extension(build: bool = True) -> _extension.Extension | None:
+    """The C++ extension, loaded on first call (compiled first when build and none fits this torch),
+    with the fake kernels of its ops registered; None when there is none (a failed build warns once)."""
+    global _native_fakes_registered
+    ext = _extension.loaded()
+    if ext is not None and _native_fakes_registered:
+        return ext
+    ext = _extension.load(build=build)
+    if ext is None:
+        notice = _extension.take_notice()
+        if notice:
+            remaining = [b for b in BACKENDS if b not in ("cpu", "cuda") and _unavailable(b) is None]
+            warnings.warn(f"ssimkd_kernels: {notice}. Backends that remain: {', '.join(remaining)}",
+                          _extension.ExtensionWarning, stacklevel=_caller_stacklevel())
+        return None
+    if not _native_fakes_registered:
+        _native_fakes_registered = True
+        for name, fake in _NATIVE_FAKES.items():  # the ops exist only now that the library is loaded
+            torch.library.register_fake(name)(fake)
+    return ext
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,49 +418,112 @@ if _C is not None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _triton_importable() -> bool:
+def _triton_version() -> tuple[int, ...] | None:
+    """The installed triton's (major, minor), or None without triton."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+
+
+@torch.compiler.assume_constant_result  # torch 2.4's dynamo cannot trace os.environ.get of a missing name
+def _environment(name: str) -> str:
+    return os.environ.get(name, "")
 
 
 def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _environment("TRITON_INTERPRET") == "1"
+
+
+# _has_extension and _why_unavailable are run, not traced, by torch.compile, their answers constants of the
+# graph: they may load or compile the extension (file and import work that dynamo cannot trace), and
+# their answers do not change once given.
+@torch.compiler.assume_constant_result
+def _has_extension() -> bool:
+    return _native_extension() is not None
+
+
+def _unavailable(backend: str, build: bool = True) -> str | None:
+    """Why `backend` cannot run here, or None when it can. build=False: report without compiling the
+    extension (`ssimkd info`)."""
+    return _why_unavailable(backend, build)
+
+
+@torch.compiler.assume_constant_result  # (no default arguments: torch 2.4's dynamo binds them wrongly)
+def _why_unavailable(backend: str, build: bool) -> str | None:
+    if backend in ("reference", "auto"):
+        return None
+    if backend == "triton":
+        version = _triton_version()
+        if version is None:
+            return "the triton package is not installed"
+        if version < MIN_TRITON_VERSION:
+            have, need = ".".join(map(str, version)), ".".join(map(str, MIN_TRITON_VERSION))
+            return f"triton {have} is older than the kernels need (>= {need})"
+        if not (torch.cuda.is_available() or _triton_interpreted()):
+            return "it needs a CUDA device (or TRITON_INTERPRET=1, which runs it on CPU tensors)"
+        return None
+    if backend == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    # ROCm's torch reports its GPUs as "cuda"; first-use builds compile no HIP kernels, so only an
+    # extension built ahead there can have them: do not compile one just to find that out.
+    ext = _native_extension(build=build and not (backend == "cuda" and torch.version.hip))
+    if ext is None:
+        return f"the C++ extension is not available: {_extension.reason()}"
+    if backend == EMULATED_CUDA or backend == "cpu":
+        return None
+    if not ext.gpu_kernels:
+        return f"the C++ extension ({ext.path}) was built without GPU kernels"
+    arch_list = (ext.record or {}).get("cuda_arch_list")
+    if torch.version.cuda and arch_list:
+        for index in range(torch.cuda.device_count()):
+            capability = torch.cuda.get_device_capability(index)
+            if not _extension.covers(arch_list, capability):
+                return (f"the extension's CUDA kernels are built for {arch_list}, and GPU {index} has compute "
+                        f"capability {capability[0]}.{capability[1]} (rebuild with TORCH_CUDA_ARCH_LIST set)")
+    return None
 
 
 def available_backends() -> list[str]:
     """The backends that can run here, of "reference", "cpu", "triton", "cuda".
 
-    "cpu" needs the compiled extension; "cuda" an extension built with CUDA kernels and a GPU;
-    "triton" the triton package and a GPU (or TRITON_INTERPRET=1, which runs it on CPU tensors).
+    "cpu" needs the C++ extension (compiled on the first call here when none was built for this torch,
+    unless SSIMKD_NO_JIT=1); "cuda" an extension with GPU kernels for the GPUs here; "triton" the triton
+    package and a GPU (or TRITON_INTERPRET=1, which runs it on CPU tensors).
     """
-    found = ["reference"]
-    if _C is not None:
-        found.append("cpu")
-    if _triton_importable() and (torch.cuda.is_available() or _triton_interpreted()):
-        found.append("triton")
-    if CUDA_COMPILED and torch.cuda.is_available():
-        found.append("cuda")
-    return found
+    return [b for b in BACKENDS if _unavailable(b) is None]
+
+
+def backend_report(build: bool = False) -> dict[str, dict]:
+    """{backend: {"available": bool, "reason": why not or None}} for every backend (`ssimkd info`)."""
+    report = {}
+    for backend in BACKENDS:
+        why = _unavailable(backend, build=build)
+        report[backend] = {"available": why is None, "reason": why}
+    return report
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on `device`; raises when `backend` cannot run there.
 
-    "auto": the SSIMKD_BACKEND environment variable when set, else cuda -> triton on GPU tensors and
-    cpu -> reference on CPU tensors, by what is available.
+    "auto": the SSIMKD_BACKEND environment variable when set, else cuda -> triton on GPU tensors (ROCm's
+    too), cpu -> reference on CPU tensors, and the reference on any other device (mps, xpu, ...).
     """
     if backend == "auto":
-        forced = os.environ.get("SSIMKD_BACKEND", "")
+        forced = _environment("SSIMKD_BACKEND")
         if forced and forced != "auto":
             backend = forced
         else:
-            available = available_backends()
-            order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-            return next((b for b in order if b in available), "reference")
-    if backend == EMULATED_CUDA and EMULATED_CUDA in _OP_PAIRS:
+            order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
+            for candidate in order:  # a loop, not next(generator, default): torch 2.4's dynamo lacks that
+                if _unavailable(candidate) is None:
+                    return candidate
+            return "reference"
+    if backend == EMULATED_CUDA:
+        why = _unavailable(EMULATED_CUDA)
+        if why is not None:
+            raise RuntimeError(f"backend {EMULATED_CUDA!r} is not available: {why}")
         if device.type != "cpu":
             raise ValueError(f"backend {EMULATED_CUDA!r} (tests only) runs on CPU tensors, got tensors on {device}")
         return backend
@@ -429,13 +531,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "reference":
         return backend
-    if backend not in available_backends():
-        reason = {
-            "cpu": f"the C++ extension did not load ({EXTENSION_ERROR})",
-            "cuda": "it needs an extension built with CUDA kernels and a CUDA device",
-            "triton": "it needs triton and a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)",
-        }[backend]
-        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    why = _unavailable(backend)
+    if why is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {why}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":

@@ -51,7 +51,7 @@ class DataConfig:
     """Where images come from and how they are resized and augmented."""
 
     source: str = "synthetic"  # "synthetic" (generated into the cache on first use) or "coco"
-    root: str = ""  # synthetic: folder to write to (default: $SSIMKD_CACHE or ~/.cache/ssimkd)
+    root: str = ""  # synthetic: folder to write to (default: under ssimkd_kernels._cache.cache_root())
     train_images: str = ""  # coco: image folder and instances json of each split
     train_annotations: str = ""
     val_images: str = ""

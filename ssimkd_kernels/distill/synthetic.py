@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .._cache import cache_root
 from .config import DataConfig, SyntheticConfig
 
 # Bump when the drawing changes, so cached datasets of an older generator are not reused.
@@ -301,11 +302,6 @@ def make_dataset(folder: Path, config: SyntheticConfig, progress: bool = False, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return files_of(folder)
-
-
-def cache_root() -> Path:
-    """Where generated datasets live: $SSIMKD_CACHE, else ~/.cache/ssimkd."""
-    return Path(os.environ.get("SSIMKD_CACHE") or Path.home() / ".cache" / "ssimkd")
 
 
 def cache_folder(config: SyntheticConfig, root: str | Path | None = None) -> Path:
