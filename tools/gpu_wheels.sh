@@ -69,7 +69,7 @@ else
         -- . "${FUSED_SSIM_EXCLUDE[@]}"
 fi
 [ -n "$cleanup" ] && rm -rf "$cleanup"
-tar -tzf "$DEST"/fused-ssim-*.tar.gz | grep -q 'fused-ssim/setup.py$' \
+grep -qx 'fused-ssim/setup.py' <(tar -tzf "$DEST"/fused-ssim-*.tar.gz) \
     || { echo "the fused-ssim tarball holds no fused-ssim/setup.py"; exit 1; }
 
 # ---- sizes -----------------------------------------------------------------------------------------
