@@ -34,7 +34,7 @@ ROOT=$PWD
 ALL_STEPS=(env build test sanitizer bench)
 # Seconds per step on the GPU machine (16 cores). Their sum is the total cap; a step that ends early
 # leaves its time to the ones after it (each step's limit is min(budget + unused time, time left)).
-declare -A BUDGET=([env]=15 [build]=90 [test]=100 [sanitizer]=90 [bench]=185)
+declare -A BUDGET=([env]=25 [build]=90 [test]=100 [sanitizer]=90 [bench]=175)
 DRY_RUN=0
 STEPS=$(IFS=,; echo "${ALL_STEPS[*]}")
 while [ $# -gt 0 ]; do
@@ -96,6 +96,7 @@ record() {
         "$1" "$2" "$3" "$4" "$5" "$note" >> "$WORK/steps.jsonl"
 }
 # timed NAME LIMIT CMD...: runs CMD under `timeout`, records it; returns CMD's status (124: cut).
+# TIMED_SIGNAL=INT lets a program stop cleanly at its limit (pytest then still writes its report).
 timed() {
     local name=$1 limit=$2 rc t0 t1 status
     shift 2
@@ -105,10 +106,12 @@ timed() {
         return 124
     fi
     t0=$(date +%s.%N)
-    timeout -k 10 "$limit" "$@"
+    timeout -s "${TIMED_SIGNAL:-TERM}" -k 15 "$limit" "$@"
     rc=$?
     t1=$(date +%s.%N)
     case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
+    # A program stopped by SIGINT may exit with its own code; the clock says whether the limit came.
+    [ $status = failed ] && [ "$(awk -v a="$t0" -v b="$t1" -v l="$limit" 'BEGIN {print (b - a >= l)}')" = 1 ] && status=timeout
     record "$name" "$status" "$rc" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}')" "$limit"
     [ $status = timeout ] && echo "!!! $name stopped at its limit of $limit s"
     return $rc
@@ -245,11 +248,16 @@ step_build() {
     if [ $DRY_RUN = 1 ]; then
         # The one other step that needs no GPU: the static report, here in the foreground.
         start_kernel_report "${BUDGET[bench]}"
-        [ -n "$REPORT_PID" ] && wait "$REPORT_PID"
-        [ -f "$WORK/kernel-report.rc" ] && record build.kernel_report \
-            "$([ "$(cat "$WORK/kernel-report.rc")" = 0 ] && echo ok || echo failed)" "$(cat "$WORK/kernel-report.rc")" 0 \
-            "${BUDGET[bench]}" "bench/kernel_report.py"
-        REPORT_PID=""
+        if [ -n "$REPORT_PID" ]; then
+            wait "$REPORT_PID"
+            REPORT_PID=""
+            local report_rc
+            report_rc=$(cat "$WORK/kernel-report.rc")
+            record build.kernel_report "$([ "$report_rc" = 0 ] && echo ok || echo failed)" "$report_rc" 0 \
+                "${BUDGET[bench]}" "bench/kernel_report.py --json"
+            tail -n 15 "$DETAILS/kernel-report.log"
+            [ "$report_rc" = 0 ] || rc=1
+        fi
     else  # in the background, niced, on the cores the tests leave idle; collected before the bench step
         start_kernel_report $(( BUDGET[test] + BUDGET[sanitizer] ))
     fi
@@ -275,7 +283,7 @@ step_test() {
         record test.collect ok 0 0 "$limit" "collect-only: $(echo "$out" | tail -n 1)"
         return 0
     fi
-    timed test.pytest "$limit" "$PY" -m pytest "${TEST_FILES[@]}" -k "$TEST_SELECT" -n "$XDIST" -q -rfE \
+    TIMED_SIGNAL=INT timed test.pytest "$limit" "$PY" -m pytest "${TEST_FILES[@]}" -k "$TEST_SELECT" -n "$XDIST" -q -rfE \
         -p no:cacheprovider --durations=10 --junitxml="$DETAILS/pytest-junit.xml"
 }
 
@@ -302,7 +310,7 @@ step_sanitizer() {
         for tool in memcheck racecheck initcheck synccheck; do
             local uncached=()
             [[ $tool == memcheck || $tool == initcheck ]] && uncached=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-            timed "sanitizer.$tool" "$tool_limit" "${uncached[@]}" \
+            TIMED_SIGNAL=INT timed "sanitizer.$tool" "$tool_limit" "${uncached[@]}" \
                 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 100 \
                 --log-file "$DETAILS/sanitizer/$tool.log" \
                 "$PY" tools/gpu_selftest_driver.py fuzz --backends cuda,triton \
