@@ -48,13 +48,14 @@ def test_summary_judges_each_target_from_the_measurements(tmp_path):
                                                           _bench_row("fused-ssim", "fwd+bwd", "float32", 1.0)]})
     _write(results / "bench-train-step.json", {"rows": [{"mode": "l2", "vs_l2": 1.0},
                                                        {"mode": "ssim-fused", "vs_l2": 1.02}]})
-    for tool in ("memcheck", "initcheck", "synccheck"):
-        _write(details / "sanitizer" / f"{tool}.log", "========= ERROR SUMMARY: 0 errors\n")
-        _write(details / "sanitizer" / f"{tool}-driver.json", {"complete": True, "failures": 0})
-    _write(details / "sanitizer" / "racecheck.log",
+    for tool in ("memcheck", "racecheck", "initcheck", "synccheck"):
+        for backend in ("cuda", "triton"):
+            _write(details / "sanitizer" / f"{tool}-{backend}.log", "========= ERROR SUMMARY: 0 errors\n")
+            _write(details / "sanitizer" / f"{tool}-{backend}-driver.json", {"complete": True, "failures": 0})
+    _write(details / "sanitizer" / "racecheck-triton.log",
            "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n")
-    _write(details / "sanitizer" / "racecheck-driver.json", {"complete": True, "failures": 0})
-    _write(details / "large.json", {"runs": [{"backend": "cuda", "ok": True, "loss_relative_error": 1e-7}]})
+    _write(details / "large-cuda.json", {"runs": [{"backend": "cuda", "ok": True, "loss_relative_error": 1e-7}]})
+    _write(details / "large-triton.json", {"runs": [{"backend": "triton", "skipped": "needs 20 GiB"}]})
     _write(details / "pytest-junit.xml", '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
                                          '<testcase classname="a" name="t1"><failure/></testcase></testsuite></testsuites>')
     targets = _targets(tmp_path)
@@ -75,7 +76,9 @@ def test_summary_judges_each_target_from_the_measurements(tmp_path):
     sanitizer = targets["compute-sanitizer memcheck, racecheck, initcheck, synccheck: 0 errors"]
     assert sanitizer["pass"] is False and sanitizer["measured"] == 1
     assert targets["cuda: fwd+bwd above 2^31 elements equals the exact result"]["pass"] is True
-    assert targets["triton: fwd+bwd above 2^31 elements equals the exact result"]["pass"] is None
+    large_triton = targets["triton: fwd+bwd above 2^31 elements equals the exact result"]
+    assert large_triton["pass"] is None and "needs 20 GiB" in large_triton["reason"]
+    assert targets["cuda: non-default and concurrent streams: results bitwise equal"]["pass"] is None
     tests = next(t for name, t in targets.items() if name.startswith("pytest"))
     assert tests["pass"] is False and tests["measured"]["failed"] == ["a::t1"]
 
@@ -83,9 +86,9 @@ def test_summary_judges_each_target_from_the_measurements(tmp_path):
 def test_summary_of_a_cut_run_passes_nothing_it_did_not_measure(tmp_path):
     # A sanitizer tool stopped at its limit (no summary line, driver incomplete): not clean, not failed.
     details = tmp_path / "work" / "details"
-    _write(details / "sanitizer" / "memcheck.log", "========= ERROR SUMMARY: 0 errors\n")
-    _write(details / "sanitizer" / "memcheck-driver.json", {"complete": True, "failures": 0})
-    _write(details / "sanitizer" / "racecheck.log", "========= partial\n")
+    _write(details / "sanitizer" / "memcheck-cuda.log", "========= ERROR SUMMARY: 0 errors\n")
+    _write(details / "sanitizer" / "memcheck-cuda-driver.json", {"complete": True, "failures": 0})
+    _write(details / "sanitizer" / "racecheck-cuda.log", "========= partial\n")
     _write(tmp_path / "results" / "bench-retinanet.json", {"rows": [_bench_row("reference", "fwd+bwd", "float32", 9.0)]})
     targets = _targets(tmp_path)
     assert all(t["pass"] is None for t in targets.values()), [t for t in targets.values() if t["pass"] is not None]

@@ -11,8 +11,9 @@
 #   build      the extension in place against this torch, sm_90 only, MAX_JOBS = cores; fused-ssim from its
 #              source in .whl/ and the static kernel report (bench/kernel_report.py) in the background
 #   test       pytest: the cuda and triton backends on CUDA tensors, torch.compile fullgraph, hypothesis
-#   sanitizer  compute-sanitizer memcheck, racecheck, initcheck, synccheck (in parallel) over
-#              tools/gpu_selftest_driver.py fuzz; then, without it, > 2^31 elements and non-default streams
+#   sanitizer  compute-sanitizer memcheck, racecheck, initcheck, synccheck over tools/gpu_selftest_driver.py
+#              fuzz, one process per tool and backend, all at once; meanwhile, without the sanitizer,
+#              fwd+bwd above 2^31 elements and on non-default streams
 #   bench      bench_ssim retinanet (fwd, fwd+bwd; float32, bfloat16; every candidate), image (fused-ssim's
 #              case), bench_train_step at 800x1333 batch 2, ncu metrics of the fused kernels if time is left
 # Results are written as they come: the summary (tools/gpu_selftest_summary.py: every GPU target with its
@@ -297,39 +298,46 @@ step_sanitizer() {
         timed sanitizer.rehearse_fuzz "$limit" "$PY" tools/gpu_selftest_driver.py fuzz --device cpu \
             --backends cpu,cuda_emulated --json "$DETAILS/sanitizer/rehearsal-driver.json"
         timed sanitizer.rehearse_large "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py large --device cpu \
-            --backends cpu,cuda_emulated --shape 1,9,16,16 --allow-small --chunk-planes 4 --json "$DETAILS/large-rehearsal.json"
+            --backends cpu,cuda_emulated --shape 1,9,16,16 --allow-small --chunk-planes 4 --json "$DETAILS/rehearsal-large.json"
         "$PY" tools/gpu_selftest_driver.py streams --help > /dev/null && echo "streams: needs a GPU (parses)"
         return
     fi
-    local rc=0
+    local rc=0 pids=() tool backend
     if command -v compute-sanitizer >/dev/null; then
-        # The four tools at once (one process each, CPU-bound): each gets the step's time less the
-        # >2^31-element and stream checks' share. memcheck and initcheck without torch's caching allocator,
-        # so every allocation is exactly its tensor and an overrun cannot land in a cached neighbour.
-        local tool_limit=$(( limit - 35 )) pids=() tool
+        # One process per tool and backend, all at once (they are CPU-bound; an error that poisons one
+        # CUDA context cannot hide the other backend's result). memcheck and initcheck run without
+        # torch's caching allocator: every allocation is then exactly its tensor, and an overrun cannot
+        # land unseen in a cached neighbour.
         for tool in memcheck racecheck initcheck synccheck; do
             local uncached=()
             [[ $tool == memcheck || $tool == initcheck ]] && uncached=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-            TIMED_SIGNAL=INT timed "sanitizer.$tool" "$tool_limit" "${uncached[@]}" \
-                compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 100 \
-                --log-file "$DETAILS/sanitizer/$tool.log" \
-                "$PY" tools/gpu_selftest_driver.py fuzz --backends cuda,triton \
-                --json "$DETAILS/sanitizer/$tool-driver.json" > "$DETAILS/sanitizer/$tool-driver.out" 2>&1 &
-            pids+=($!)
-        done
-        for p in "${pids[@]}"; do wait "$p" || rc=1; done
-        for tool in memcheck racecheck initcheck synccheck; do
-            printf '%-10s %s | %s\n' "$tool" "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$DETAILS/sanitizer/$tool.log" 2>/dev/null | tail -1)" \
-                "$(tail -n 1 "$DETAILS/sanitizer/$tool-driver.out" 2>/dev/null)"
+            for backend in cuda triton; do
+                TIMED_SIGNAL=INT timed "sanitizer.$tool.$backend" $(( limit - 5 )) "${uncached[@]}" \
+                    compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 100 \
+                    --log-file "$DETAILS/sanitizer/$tool-$backend.log" \
+                    "$PY" tools/gpu_selftest_driver.py fuzz --backends "$backend" \
+                    --json "$DETAILS/sanitizer/$tool-$backend-driver.json" > "$DETAILS/sanitizer/$tool-$backend.out" 2>&1 &
+                pids+=($!)
+            done
         done
     else
         echo "compute-sanitizer not found: sanitizer tools skipped"
         record sanitizer.tools skipped 0 0 "$limit" "compute-sanitizer not found"
     fi
-    timed sanitizer.large "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py large --backends cuda,triton \
-        --json "$DETAILS/large.json" || rc=1
-    timed sanitizer.streams "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py streams --backends cuda,triton \
-        --json "$DETAILS/streams.json" || rc=1
+    # Meanwhile, without the sanitizer, one process per check and backend: > 2^31 elements, streams.
+    for backend in cuda triton; do
+        timed "sanitizer.large.$backend" "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py large \
+            --backends "$backend" --json "$DETAILS/large-$backend.json" || rc=1
+        timed "sanitizer.streams.$backend" "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py streams \
+            --backends "$backend" --json "$DETAILS/streams-$backend.json" || rc=1
+    done
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    for f in "$DETAILS"/sanitizer/*.log; do
+        [ -e "$f" ] || continue
+        printf '%-20s %s | %s\n' "$(basename "$f" .log)" \
+            "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$f" | tail -1 | sed 's/^=* *//')" \
+            "$(tail -n 1 "${f%.log}.out" 2>/dev/null)"
+    done
     return $rc
 }
 

@@ -69,15 +69,16 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def _tool_version(name: str, flag: str = "--version") -> str | None:
+def _tool_version(name: str, line: int = -1) -> str | None:
+    """`name --version`'s line that holds the version (nvcc: the last, compilers: the first)."""
     path = shutil.which(name)
     if path is None:
         return None
     try:
-        out = subprocess.run([path, flag], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
     except (OSError, subprocess.TimeoutExpired):
         return path
-    return f"{path}: {out[-1] if out else ''}".strip()
+    return f"{path}: {out[line] if out else ''}".strip()
 
 
 def copy_bandwidth_tbps(device) -> float:
@@ -110,7 +111,8 @@ def cmd_env(args) -> int:
         "backends": sk.available_backends(),
         "extension_cuda_compiled": CUDA_COMPILED,
         "extension_error": None if EXTENSION_ERROR is None else str(EXTENSION_ERROR)[:300],
-        "tools": {name: _tool_version(name) for name in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi")},
+        "tools": {**{name: _tool_version(name) for name in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi")},
+                  "c++": _tool_version("c++", line=0)},  # the host compiler: C++20 needs GCC 10 or newer
     }
     try:
         import triton

@@ -4,7 +4,8 @@
 
 tools/gpu_selftest.sh calls it after every step, so a run cut short still leaves a summary of what it
 measured. It reads the step records (<work>/steps.jsonl), the details the steps left in <work>/details
-(env.json, pytest-junit.xml, sanitizer/*.log, large.json, streams.json, ncu.csv, kernel-report.json)
+(env.json, pytest-junit.xml, sanitizer/<tool>-<backend>.log, large-*.json, streams-*.json, ncu.csv,
+kernel-report.json)
 and the bench JSONs in <results> (bench-retinanet.json, bench-image-float32.json, bench-train-step.json),
 writes <results>/selftest-summary.json and prints a short table.
 A target whose measurement is missing is reported with "pass": null and the reason, never as passed.
@@ -110,48 +111,49 @@ def bench_targets(results: Path) -> list[dict]:
 
 
 def sanitizer_result(details: Path) -> tuple[dict, dict]:
-    tools = {}
+    """One entry per tool and backend (sanitizer/<tool>-<backend>.log and its driver JSON), one target."""
+    runs = {}
     for tool in SANITIZER_TOOLS:
-        log = details / "sanitizer" / f"{tool}.log"
-        driver = _load(details / "sanitizer" / f"{tool}-driver.json")
-        entry = {"ran": log.exists()}
-        if log.exists():
-            text = log.read_text(errors="replace")
-            summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
-            race = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
-            if race:
-                entry.update(errors=int(race.group(2)), warnings=int(race.group(3)))
-            elif summary:
-                entry["errors"] = int(summary.group(1))
-        entry["driver_complete"] = bool(driver and driver.get("complete"))
-        entry["driver_failures"] = driver.get("failures") if driver else None
-        entry["clean"] = entry.get("errors") == 0 and entry["driver_complete"] and entry["driver_failures"] == 0
-        tools[tool] = entry
-    ran = [t for t in tools.values() if t["ran"]]
+        for backend in FUSED_BACKENDS:
+            log = details / "sanitizer" / f"{tool}-{backend}.log"
+            driver = _load(details / "sanitizer" / f"{tool}-{backend}-driver.json")
+            entry = {"ran": log.exists()}
+            if log.exists():
+                text = log.read_text(errors="replace")
+                summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
+                race = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
+                if race:
+                    entry.update(errors=int(race.group(2)), warnings=int(race.group(3)))
+                elif summary:
+                    entry["errors"] = int(summary.group(1))
+            entry["driver_complete"] = bool(driver and driver.get("complete"))
+            entry["driver_failures"] = driver.get("failures") if driver else None
+            entry["clean"] = entry.get("errors") == 0 and entry["driver_complete"] and entry["driver_failures"] == 0
+            runs[f"{tool} {backend}"] = entry
+    name = "compute-sanitizer memcheck, racecheck, initcheck, synccheck: 0 errors"
+    ran = [r for r in runs.values() if r["ran"]]
     if not ran:
-        target = _target("compute-sanitizer memcheck, racecheck, initcheck, synccheck: 0 errors", None, 0, "<=",
-                         missing="the sanitizer step did not run")
-    else:
-        errors = sum(t.get("errors", 0) for t in ran)
-        incomplete = [name for name, t in tools.items() if not t["ran"] or "errors" not in t or not t["driver_complete"]]
-        target = _target("compute-sanitizer memcheck, racecheck, initcheck, synccheck: 0 errors", errors, 0, "<=",
-                         detail={name: t for name, t in tools.items()})
-        if incomplete:  # a tool cut short proves nothing about the cases it did not reach
-            target["pass"] = False if errors else None
-            target["reason"] = f"incomplete: {', '.join(incomplete)}"
-        elif any(t["driver_failures"] for t in tools.values()):
-            target["pass"] = False
-            target["reason"] = "the driver's value checks failed under the sanitizer"
-    return target, tools
+        return _target(name, None, 0, "<=", missing="the sanitizer step did not run"), runs
+    errors = sum(r.get("errors", 0) for r in ran)
+    target = _target(name, errors, 0, "<=")
+    incomplete = [key for key, r in runs.items() if not r["ran"] or "errors" not in r or not r["driver_complete"]]
+    if any(r["driver_failures"] for r in runs.values()):
+        target["pass"] = False
+        target["reason"] = "the driver's value checks failed under the sanitizer"
+    elif incomplete:  # a run cut short proves nothing about the cases it did not reach
+        target["pass"] = False if errors else None
+        target["reason"] = f"incomplete: {', '.join(incomplete)}"
+    return target, runs
 
 
 def check_targets(details: Path) -> list[dict]:
     targets = []
     for name, label in (("large", "fwd+bwd above 2^31 elements equals the exact result"),
                         ("streams", "non-default and concurrent streams: results bitwise equal")):
-        result = _load(details / f"{name}.json")
+        # One JSON per backend (<name>-<backend>.json: each ran in its own process) or one for both.
+        found = [r for path in sorted(details.glob(f"{name}*.json")) for r in (_load(path) or {}).get("runs", [])]
         for backend in FUSED_BACKENDS:
-            run = next((r for r in (result or {}).get("runs", []) if r.get("backend") == backend), None)
+            run = next((r for r in found if r.get("backend") == backend), None)
             entry = {"target": f"{backend}: {label}", "threshold": "pass"}
             if run is None:
                 entry.update(measured=None, **{"pass": None}, reason=f"no {name}.json run (step cut or skipped)")
