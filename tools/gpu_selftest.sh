@@ -33,9 +33,9 @@ ROOT=$PWD
 
 # ---- arguments -----------------------------------------------------------------------------------------
 ALL_STEPS=(env build test sanitizer bench)
-# Seconds per step on the GPU machine (16 cores). Their sum is the total cap; a step that ends early
-# leaves its time to the ones after it (each step's limit is min(budget + unused time, time left)).
-declare -A BUDGET=([env]=25 [build]=90 [test]=100 [sanitizer]=90 [bench]=175)
+# Seconds per step on the GPU machine (16 cores), summing to the total cap. Each step's limit is its
+# budget's share of the time left (see begin_step): unused time flows to the later steps.
+declare -A BUDGET=([env]=20 [build]=120 [test]=95 [sanitizer]=85 [bench]=160)
 DRY_RUN=0
 STEPS=$(IFS=,; echo "${ALL_STEPS[*]}")
 while [ $# -gt 0 ]; do
@@ -107,7 +107,7 @@ timed() {
         return 124
     fi
     t0=$(date +%s.%N)
-    timeout -s "${TIMED_SIGNAL:-TERM}" -k 15 "$limit" "$@"
+    timeout -s "${TIMED_SIGNAL:-TERM}" -k 10 "$limit" "$@"
     rc=$?
     t1=$(date +%s.%N)
     case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
@@ -117,21 +117,24 @@ timed() {
     [ $status = timeout ] && echo "!!! $name stopped at its limit of $limit s"
     return $rc
 }
-# The limit of a step: its budget plus what earlier steps left unused, within the time left.
-STEP_END=$START
-step_limit() {
-    local planned=0 s
+# begin_step NAME sets STEP_LIMIT and STEP_DEADLINE: the step's budget's share of the time left, shared
+# with the selected steps after it in proportion to their budgets. A step that ends early so leaves its
+# time to the later ones, and one that takes all of its time takes none of theirs. (Dry run: the budget.)
+STEP_LIMIT=0
+STEP_DEADLINE=$START
+begin_step() {
+    local weights=0 counting=0 rest s
     for s in "${ALL_STEPS[@]}"; do
-        { [ "$s" = env ] || want "$s"; } && planned=$(( planned + BUDGET[$s] ))
-        [ "$s" = "$1" ] && break
+        [ "$s" = "$1" ] && counting=1
+        if [ $counting = 1 ] && { [ "$s" = env ] || want "$s"; }; then weights=$(( weights + BUDGET[$s] )); fi
     done
-    local until=$(( START + planned ))
-    [ $DRY_RUN = 1 ] && until=$(( $(date +%s) + BUDGET[$1] ))
-    local limit=$(( until - $(date +%s) )) rest
     rest=$(left)
-    [ $limit -gt $rest ] && limit=$rest
-    echo $(( limit > 0 ? limit : 0 ))
+    STEP_LIMIT=$(( DRY_RUN == 1 ? BUDGET[$1] : rest * BUDGET[$1] / weights ))
+    [ $STEP_LIMIT -gt $rest ] && STEP_LIMIT=$rest
+    [ $STEP_LIMIT -lt 0 ] && STEP_LIMIT=0
+    STEP_DEADLINE=$(( $(date +%s) + STEP_LIMIT ))
 }
+step_left() { local l=$(( STEP_DEADLINE - $(date +%s) )); echo $(( l > 0 ? l : 0 )); }
 finish_step() {  # rewrite the summary and the details tarball: a cut run still returns both
     "$PY" tools/gpu_selftest_summary.py --work "$WORK" --results "$RESULTS" $([ $DRY_RUN = 1 ] && echo --dry-run) \
         > "$WORK/summary.out" 2>&1 || { echo "summary failed:"; cat "$WORK/summary.out"; }
@@ -156,7 +159,8 @@ SITE=$WORK/site
 FUSED_SSIM_DIR=build/fused-ssim  # git-ignored; kept, so that a later --steps bench on the same machine reuses it
 step_env() {
     local limit
-    limit=$(step_limit env)
+    begin_step env
+    limit=$STEP_LIMIT
     say "env (limit ${limit} s)"
     if has_gpu; then
         nvidia-smi | tee "$DETAILS/nvidia-smi.txt"
@@ -235,7 +239,8 @@ start_fused_ssim_build() {  # fused-ssim (a bench peer) from its source in .whl/
 }
 step_build() {
     local limit
-    limit=$(step_limit build)
+    begin_step build
+    limit=$STEP_LIMIT
     say "build (limit ${limit} s): extension in place, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$CORES"
     [ $DRY_RUN = 0 ] && want bench && start_fused_ssim_build $(( limit + BUDGET[test] ))
     # --force: rebuild even where an older build looks up to date (the dry run's point is this build).
@@ -270,7 +275,8 @@ TEST_FILES=(python_tests/test_backends.py python_tests/test_ops.py python_tests/
 TEST_SELECT="(cuda or triton) and not cuda_emulated"
 step_test() {
     local limit
-    limit=$(step_limit test)
+    begin_step test
+    limit=$STEP_LIMIT
     say "test (limit ${limit} s): ${TEST_FILES[*]} -k '$TEST_SELECT'"
     if [ $DRY_RUN = 1 ]; then  # no GPU: the selection must at least collect the GPU tests
         local out rc
@@ -291,13 +297,14 @@ step_test() {
 # ---- sanitizer -------------------------------------------------------------------------------------
 step_sanitizer() {
     local limit
-    limit=$(step_limit sanitizer)
+    begin_step sanitizer
+    limit=$STEP_LIMIT
     say "sanitizer (limit ${limit} s)"
     if [ $DRY_RUN = 1 ]; then  # rehearse the driver's logic on the CPU backends (no sanitizer, no GPU)
         command -v compute-sanitizer >/dev/null || echo "note: compute-sanitizer absent here (GPU machine only)"
         timed sanitizer.rehearse_fuzz "$limit" "$PY" tools/gpu_selftest_driver.py fuzz --device cpu \
             --backends cpu,cuda_emulated --json "$DETAILS/sanitizer/rehearsal-driver.json"
-        timed sanitizer.rehearse_large "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py large --device cpu \
+        timed sanitizer.rehearse_large "$(step_left)" "$PY" tools/gpu_selftest_driver.py large --device cpu \
             --backends cpu,cuda_emulated --shape 1,9,16,16 --allow-small --chunk-planes 4 --json "$DETAILS/rehearsal-large.json"
         "$PY" tools/gpu_selftest_driver.py streams --help > /dev/null && echo "streams: needs a GPU (parses)"
         return
@@ -326,9 +333,9 @@ step_sanitizer() {
     fi
     # Meanwhile, without the sanitizer, one process per check and backend: > 2^31 elements, streams.
     for backend in cuda triton; do
-        timed "sanitizer.large.$backend" "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py large \
+        timed "sanitizer.large.$backend" "$(step_left)" "$PY" tools/gpu_selftest_driver.py large \
             --backends "$backend" --json "$DETAILS/large-$backend.json" || rc=1
-        timed "sanitizer.streams.$backend" "$(step_limit sanitizer)" "$PY" tools/gpu_selftest_driver.py streams \
+        timed "sanitizer.streams.$backend" "$(step_left)" "$PY" tools/gpu_selftest_driver.py streams \
             --backends "$backend" --json "$DETAILS/streams-$backend.json" || rc=1
     done
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
@@ -356,7 +363,8 @@ bench_ssim() {
 }
 step_bench() {
     local limit end
-    limit=$(step_limit bench)
+    begin_step bench
+    limit=$STEP_LIMIT
     end=$(( $(date +%s) + limit ))
     say "bench (limit ${limit} s)"
     if [ $DRY_RUN = 1 ]; then  # rehearse the scripts on the CPU at toy sizes (no timing is meaningful)

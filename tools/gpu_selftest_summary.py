@@ -156,7 +156,7 @@ def check_targets(details: Path) -> list[dict]:
             run = next((r for r in found if r.get("backend") == backend), None)
             entry = {"target": f"{backend}: {label}", "threshold": "pass"}
             if run is None:
-                entry.update(measured=None, **{"pass": None}, reason=f"no {name}.json run (step cut or skipped)")
+                entry.update(measured=None, **{"pass": None}, reason=f"no {name} run recorded (step cut, skipped or crashed: see the log)")
             elif run.get("skipped"):
                 entry.update(measured=None, **{"pass": None}, reason=f"skipped: {run['skipped']}")
             else:
