@@ -405,9 +405,10 @@ step_bench() {
     if command -v ncu >/dev/null && [ $(( end - $(date +%s) )) -ge 30 ]; then
         # Three counters of the fused kernels (kernel names holding "ssim"): DRAM and SM throughput, achieved
         # occupancy; --clock-control none leaves the clocks as found.
+        local metrics=dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
+        metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum,launch__registers_per_thread
         timed bench.ncu $(( end - $(date +%s) - 5 )) ncu --clock-control none --kernel-name regex:ssim --csv \
-            --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum,launch__registers_per_thread \
-            --log-file "$DETAILS/ncu.csv" "$PY" tools/gpu_selftest_driver.py profile --backends cuda,triton \
+            --metrics "$metrics" --log-file "$DETAILS/ncu.csv" "$PY" tools/gpu_selftest_driver.py profile --backends cuda,triton \
             > "$DETAILS/ncu.out" 2>&1
     else
         record bench.ncu skipped 0 0 0 "$(command -v ncu >/dev/null && echo 'under 30 s left' || echo 'ncu not found')"

@@ -323,7 +323,8 @@ def cmd_large(args) -> int:
     # x, y and their gradients, plus the comparison's working chunk: a smaller GPU skips, saying why.
     need = 4 * elements * dtype.itemsize + 2 * args.chunk_planes * shape[2] * shape[3] * 4
     if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 1.25 * need:
-        reason = f"needs {1.25 * need / 2**30:.0f} GiB of free GPU memory, {torch.cuda.mem_get_info(device)[0] / 2**30:.0f} free"
+        free = torch.cuda.mem_get_info(device)[0]
+        reason = f"needs {1.25 * need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} free"
         _print(f"large: skipped: {reason}")
         if args.json:
             runs = [{"backend": b, "skipped": reason, "ok": None} for b in args.backends.split(",")]

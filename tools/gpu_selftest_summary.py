@@ -84,9 +84,10 @@ def bench_targets(results: Path) -> list[dict]:
         row = _row(fp32, backend, "fwd+bwd", "float32")
         ref = _row(fp32, "reference", "fwd+bwd", "float32")
         compiled = _row(fp32, "reference+compile", "fwd+bwd", "float32")
+        times = row and ref and f"{row.get('median_ms', 0):.3f} ms vs {ref.get('median_ms', 0):.3f} ms"
         targets.append(_target(f"{backend}: retinanet fp32 fwd+bwd vs eager reference", _ratio(ref, row),
-                               REFERENCE_SPEEDUP, ">=", "x", missing=_why_missing(row if ref else None, "bench-retinanet"),
-                               detail=row and ref and f"{row.get('median_ms', 0):.3f} ms vs {ref.get('median_ms', 0):.3f} ms"))
+                               REFERENCE_SPEEDUP, ">=", "x", detail=times,
+                               missing=_why_missing(row if ref else None, "bench-retinanet")))
         targets.append(_target(f"{backend}: retinanet fp32 fwd+bwd vs torch.compile(reference)", _ratio(compiled, row),
                                COMPILE_SPEEDUP, ">=", "x", missing=_why_missing(compiled if row else None,
                                                                                 "bench-retinanet")))
@@ -156,7 +157,8 @@ def check_targets(details: Path) -> list[dict]:
             run = next((r for r in found if r.get("backend") == backend), None)
             entry = {"target": f"{backend}: {label}", "threshold": "pass"}
             if run is None:
-                entry.update(measured=None, **{"pass": None}, reason=f"no {name} run recorded (step cut, skipped or crashed: see the log)")
+                entry.update(measured=None, **{"pass": None},
+                             reason=f"no {name} run recorded (step cut, skipped or crashed: see the log)")
             elif run.get("skipped"):
                 entry.update(measured=None, **{"pass": None}, reason=f"skipped: {run['skipped']}")
             else:
