@@ -243,7 +243,8 @@ step_build() {
     limit=$STEP_LIMIT
     say "build (limit ${limit} s): extension in place, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$CORES"
     [ $DRY_RUN = 0 ] && want bench && start_fused_ssim_build $(( limit + BUDGET[test] ))
-    # --force: rebuild even where an older build looks up to date (the dry run's point is this build).
+    # ninja recompiles every source whose dependencies changed since the last build here (on a fresh
+    # machine: all of them); --force makes setuptools relink even when the library looks up to date.
     # CFLAGS -g0 overrides the -g of Python's own flags: no host debug information, a shorter build.
     timed build.extension "$limit" env -u SSIMKD_NO_CUDA TORCH_CUDA_ARCH_LIST=9.0 CFLAGS="${CFLAGS:-} -g0" \
         "$PY" setup.py build_ext --inplace --force > "$DETAILS/build.log" 2>&1
