@@ -56,7 +56,7 @@ def test_summary_judges_each_target_from_the_measurements(tmp_path):
            "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n")
     _write(details / "large-cuda.json", {"runs": [{"backend": "cuda", "ok": True, "loss_relative_error": 1e-7}]})
     _write(details / "large-triton.json", {"runs": [{"backend": "triton", "skipped": "needs 20 GiB"}]})
-    _write(details / "pytest-junit.xml", '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+    _write(details / "pytest-junit-cuda.xml", '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
                                          '<testcase classname="a" name="t1"><failure/></testcase></testsuite></testsuites>')
     targets = _targets(tmp_path)
 

@@ -8,9 +8,11 @@
 #
 # Steps, in order, each stopped at its budget (the script then moves on):
 #   env        nvidia-smi, clocks, driver, versions, copy bandwidth; installs .whl/ (tools/gpu_wheels.sh)
-#   build      the extension in place against this torch, sm_90 only, MAX_JOBS = cores; fused-ssim from its
-#              source in .whl/ and the static kernel report (bench/kernel_report.py) in the background
-#   test       pytest: the cuda and triton backends on CUDA tensors, torch.compile fullgraph, hypothesis
+#   build      the extension against this torch, sm_90 only, MAX_JOBS = cores, in the background (its C++
+#              CPU op is the long pole, minutes on one core), then moved in place; fused-ssim from its
+#              source in .whl/ beside it; once built, the static kernel report (bench/kernel_report.py)
+#   test       pytest: the triton backend on CUDA tensors while the extension builds (it needs none),
+#              then the cuda backend; values, gradients, torch.compile fullgraph, hypothesis
 #   sanitizer  compute-sanitizer memcheck, racecheck, initcheck, synccheck over tools/gpu_selftest_driver.py
 #              fuzz, one process per tool and backend, all at once; meanwhile, without the sanitizer,
 #              fwd+bwd above 2^31 elements and on non-default streams
@@ -34,8 +36,9 @@ ROOT=$PWD
 # ---- arguments -----------------------------------------------------------------------------------------
 ALL_STEPS=(env build test sanitizer bench)
 # Seconds per step on the GPU machine (16 cores), summing to the total cap. Each step's limit is its
-# budget's share of the time left (see begin_step): unused time flows to the later steps.
-declare -A BUDGET=([env]=20 [build]=120 [test]=95 [sanitizer]=85 [bench]=160)
+# budget's share of the time left (see begin_step): unused time flows to the later steps. The build is
+# the exception: it runs beside the test step (whose budget covers waiting for it), under its own limit.
+declare -A BUDGET=([env]=20 [build]=240 [test]=230 [sanitizer]=85 [bench]=145)
 DRY_RUN=0
 STEPS=$(IFS=,; echo "${ALL_STEPS[*]}")
 while [ $# -gt 0 ]; do
@@ -126,6 +129,7 @@ begin_step() {
     local weights=0 counting=0 rest s
     for s in "${ALL_STEPS[@]}"; do
         [ "$s" = "$1" ] && counting=1
+        [ "$s" = build ] && [ "$1" != build ] && continue  # it runs beside the others, not before them
         if [ $counting = 1 ] && { [ "$s" = env ] || want "$s"; }; then weights=$(( weights + BUDGET[$s] )); fi
     done
     rest=$(left)
@@ -146,7 +150,8 @@ has_gpu() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
 say "GPU self-test$([ $DRY_RUN = 1 ] && echo ' (dry run)'): steps $STEPS; results in $RESULTS"
 printf '  %-10s %8s\n' step "budget s"
 for s in "${ALL_STEPS[@]}"; do
-    { [ "$s" = env ] || want "$s"; } && printf '  %-10s %8d\n' "$s" "${BUDGET[$s]}"
+    { [ "$s" = env ] || want "$s"; } && printf '  %-10s %8d%s\n' "$s" "${BUDGET[$s]}" \
+        "$([ "$s" = build ] && [ $DRY_RUN = 0 ] && echo '  (its own limit, beside the test step)')"
 done
 printf '  %-10s %8d  (cap; %d cores, pytest -n %d, MAX_JOBS=%d)\n' total "$TOTAL" "$CORES" "$XDIST" "$CORES"
 if [ $DRY_RUN = 0 ] && ! has_gpu; then
@@ -237,20 +242,35 @@ start_fused_ssim_build() {  # fused-ssim (a bench peer) from its source in .whl/
         > "$DETAILS/fused-ssim-build.log" 2>&1; echo $? > "$WORK/fused-ssim.rc" ) &
     FUSED_SSIM_PID=$!
 }
-step_build() {
-    local limit
-    begin_step build
-    limit=$STEP_LIMIT
-    say "build (limit ${limit} s): extension in place, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$CORES"
-    [ $DRY_RUN = 0 ] && want bench && start_fused_ssim_build $(( limit + BUDGET[test] ))
-    # ninja recompiles every source whose dependencies changed since the last build here (on a fresh
-    # machine: all of them); --force makes setuptools relink even when the library looks up to date.
-    # CFLAGS -g0 overrides the -g of Python's own flags: no host debug information, a shorter build.
-    timed build.extension "$limit" env -u SSIMKD_NO_CUDA TORCH_CUDA_ARCH_LIST=9.0 CFLAGS="${CFLAGS:-} -g0" \
-        "$PY" setup.py build_ext --inplace --force > "$DETAILS/build.log" 2>&1
-    local rc=$?
-    tail -n 5 "$DETAILS/build.log"
-    [ $rc -ne 0 ] && { echo "build failed: the errors"; grep -m 20 -E "error|Error" "$DETAILS/build.log"; }
+BUILD_PID=""
+start_extension_build() {  # $1: limit. Built into build/selftest-lib, then moved in place in one rename,
+    # so that a test process never loads a half-copied library. ninja recompiles every source whose
+    # dependencies changed since the last build here (on a fresh machine: all of them); --force relinks.
+    # CFLAGS -g0 overrides the -g of Python's own flags: no host debug information, a much shorter build.
+    echo "extension: building (limit $1 s; log: build.log in the details)"
+    BUILD_LIMIT=$1
+    date +%s.%N > "$WORK/build.start"
+    ( timeout -k 10 "$1" env -u SSIMKD_NO_CUDA TORCH_CUDA_ARCH_LIST=9.0 CFLAGS="${CFLAGS:-} -g0" \
+          "$PY" setup.py build_ext --build-lib build/selftest-lib --force > "$DETAILS/build.log" 2>&1
+      rc=$?
+      if [ $rc = 0 ]; then mv -f build/selftest-lib/ssimkd_kernels/_C*.so ssimkd_kernels/ || rc=1; fi
+      date +%s.%N > "$WORK/build.end"
+      echo $rc > "$WORK/build.rc" ) &
+    BUILD_PID=$!
+}
+await_build() {  # wait for the background build (under its own limit), record it, check what loads
+    [ -z "$BUILD_PID" ] && return 0
+    wait "$BUILD_PID"
+    BUILD_PID=""
+    local rc status seconds
+    rc=$(cat "$WORK/build.rc" 2>/dev/null || echo 1)
+    case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
+    seconds=$(awk -v a="$(cat "$WORK/build.start")" -v b="$(cat "$WORK/build.end" 2>/dev/null || date +%s.%N)" \
+              'BEGIN {printf "%.1f", b - a}')
+    record build.extension "$status" "$rc" "$seconds" "$BUILD_LIMIT"
+    say "extension build: $status after $seconds s"
+    tail -n 3 "$DETAILS/build.log" | cut -c1-300
+    [ "$rc" != 0 ] && { echo "the build's errors:"; grep -m 20 -E "error|Error" "$DETAILS/build.log"; }
     "$PY" -m ssimkd_kernels info --json > "$DETAILS/info.json" 2>"$DETAILS/info.err" && cat "$DETAILS/info.json"
     if [ $DRY_RUN = 1 ]; then
         # The one other step that needs no GPU: the static report, here in the foreground.
@@ -266,33 +286,57 @@ step_build() {
             [ "$report_rc" = 0 ] || rc=1
         fi
     else  # in the background, niced, on the cores the tests leave idle; collected before the bench step
-        start_kernel_report $(( BUDGET[test] + BUDGET[sanitizer] ))
+        start_kernel_report "$(left)"  # stopped when the bench step begins, if still running
     fi
-    return $rc
+    return $([ "$rc" = 0 ] && echo 0 || echo 1)
+}
+step_build() {
+    local limit=${BUDGET[build]}
+    [ $DRY_RUN = 0 ] && [ "$(left)" -lt "$limit" ] && limit=$(left)
+    say "build (limit ${limit} s): the extension, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=$CORES$(
+        [ $DRY_RUN = 0 ] && want test && echo ', in the background beside the test step')"
+    [ $DRY_RUN = 0 ] && want bench && start_fused_ssim_build "$limit"
+    start_extension_build "$limit"
+    # Nothing to overlap with: wait here.
+    if [ $DRY_RUN = 1 ] || ! want test; then await_build; return $?; fi
+    return 0
 }
 
 # ---- test ----------------------------------------------------------------------------------------
 TEST_FILES=(python_tests/test_backends.py python_tests/test_ops.py python_tests/test_cuda.py python_tests/test_properties.py)
-TEST_SELECT="(cuda or triton) and not cuda_emulated"
+declare -A TEST_SELECT=([triton]="triton" [cuda]="cuda and not cuda_emulated")
+run_pytest() {  # $1: backend, $2: limit
+    TIMED_SIGNAL=INT timed "test.pytest.$1" "$2" "$PY" -m pytest "${TEST_FILES[@]}" -k "${TEST_SELECT[$1]}" \
+        -n "$XDIST" -q -rfE -p no:cacheprovider --durations=5 --junitxml="$DETAILS/pytest-junit-$1.xml"
+}
 step_test() {
-    local limit
+    local limit rc=0 backend
     begin_step test
     limit=$STEP_LIMIT
-    say "test (limit ${limit} s): ${TEST_FILES[*]} -k '$TEST_SELECT'"
-    if [ $DRY_RUN = 1 ]; then  # no GPU: the selection must at least collect the GPU tests
-        local out rc
-        out=$("$PY" -m pytest "${TEST_FILES[@]}" -k "$TEST_SELECT" --collect-only -q -p no:cacheprovider 2>&1)
-        rc=$?
-        echo "$out" | tail -n 2
-        if [ $rc -ne 0 ] || ! echo "$out" | grep -qE "^[1-9][0-9]*(/[0-9]+)? tests? collected"; then
-            record test.collect failed 1 0 "$limit" "collect-only: $(echo "$out" | tail -n 1)"
-            return 1
-        fi
-        record test.collect ok 0 0 "$limit" "collect-only: $(echo "$out" | tail -n 1)"
+    say "test (limit ${limit} s): ${TEST_FILES[*]}, -k '${TEST_SELECT[triton]}' then -k '${TEST_SELECT[cuda]}'"
+    if [ $DRY_RUN = 1 ]; then  # no GPU: each selection must at least collect its tests
+        local out
+        for backend in triton cuda; do
+            out=$("$PY" -m pytest "${TEST_FILES[@]}" -k "${TEST_SELECT[$backend]}" --collect-only -q -p no:cacheprovider 2>&1)
+            rc=$?
+            echo "$backend: $(echo "$out" | tail -n 1)"
+            if [ $rc -ne 0 ] || ! echo "$out" | grep -qE "^[1-9][0-9]*(/[0-9]+)? tests? collected"; then
+                record "test.collect.$backend" failed 1 0 "$limit" "collect-only: $(echo "$out" | tail -n 1)"
+                return 1
+            fi
+            record "test.collect.$backend" ok 0 0 "$limit" "collect-only: $(echo "$out" | tail -n 1)"
+        done
         return 0
     fi
-    TIMED_SIGNAL=INT timed test.pytest "$limit" "$PY" -m pytest "${TEST_FILES[@]}" -k "$TEST_SELECT" -n "$XDIST" -q -rfE \
-        -p no:cacheprovider --durations=10 --junitxml="$DETAILS/pytest-junit.xml"
+    # The triton backend needs no extension: its tests run while the build goes on (SSIMKD_NO_JIT: no
+    # process compiles the extension on its own meanwhile). Then the cuda backend's, once it is built.
+    SSIMKD_NO_JIT=1 run_pytest triton $(( limit / 2 )) || rc=1
+    await_build || rc=1
+    local cuda_limit
+    cuda_limit=$(step_left)
+    [ "$cuda_limit" -lt 30 ] && cuda_limit=30  # taken from the later steps' share: the build ran long
+    run_pytest cuda "$cuda_limit" || rc=1
+    return $rc
 }
 
 # ---- sanitizer -------------------------------------------------------------------------------------
@@ -439,6 +483,8 @@ step_env || overall=1
 finish_step
 for s in build test sanitizer bench; do
     want "$s" || continue
+    # The test step waits for the build itself, after the triton tests; later steps need it first.
+    [ "$s" = sanitizer ] || [ "$s" = bench ] && { await_build || overall=1; }
     [ "$s" = bench ] && collect_kernel_report 15  # no compiling beside the timings
     "step_$s" || overall=1
     finish_step

@@ -4,7 +4,7 @@
 
 tools/gpu_selftest.sh calls it after every step, so a run cut short still leaves a summary of what it
 measured. It reads the step records (<work>/steps.jsonl), the details the steps left in <work>/details
-(env.json, pytest-junit.xml, sanitizer/<tool>-<backend>.log, large-*.json, streams-*.json, ncu.csv,
+(env.json, pytest-junit-<backend>.xml, sanitizer/<tool>-<backend>.log, large-*.json, streams-*.json, ncu.csv,
 kernel-report.json)
 and the bench JSONs in <results> (bench-retinanet.json, bench-image-float32.json, bench-train-step.json),
 writes <results>/selftest-summary.json and prints a short table.
@@ -169,22 +169,25 @@ def check_targets(details: Path) -> list[dict]:
 
 
 def test_result(details: Path, steps: list[dict]) -> dict:
-    junit = details / "pytest-junit.xml"
+    junits = sorted(details.glob("pytest-junit*.xml"))  # one per backend's run
     entry = {"target": "pytest: cuda and triton backends on CUDA tensors (values, gradients, dtypes, strides, "
                        "paddings, determinism, torch.compile fullgraph, hypothesis)", "threshold": "0 failures"}
-    if not junit.exists():
+    if not junits:
         return {**entry, "measured": None, "pass": None, "reason": "no junit report (test step cut or skipped)"}
-    root = ET.parse(junit).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    suites, failed = [], []
+    for junit in junits:
+        root = ET.parse(junit).getroot()
+        suites += [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        failed += [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+                   if case.find("failure") is not None or case.find("error") is not None]
     counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
-              if case.find("failure") is not None or case.find("error") is not None]
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     entry.update(measured={**counts, "passed": passed, "failed": failed[:30]},
                  **{"pass": counts["failures"] + counts["errors"] == 0 and passed > 0})
-    run = next((s for s in steps if s["step"] == "test.pytest"), None)
-    if run and run["status"] == "timeout" and entry["pass"]:  # stopped at its limit: what ran passed
-        entry.update(**{"pass": None}, reason=f"stopped at its limit after {counts['tests']} tests, none failed")
+    cut = [s["step"] for s in steps if s["step"].startswith("test.pytest") and s["status"] == "timeout"]
+    if cut and entry["pass"]:  # stopped at its limit: what ran passed, the rest did not run
+        entry.update(**{"pass": None}, reason=f"{', '.join(cut)} stopped at its limit after {counts['tests']} tests, "
+                                               "none failed")
     return entry
 
 
