@@ -182,7 +182,8 @@ def git_commit() -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(workload_name, device, dtype, candidates, modes, *, warmup, repeats, flush) -> list[dict]:
+def run(workload_name, device, dtype, candidates, modes, *, warmup, repeats, flush, on_row=None) -> list[dict]:
+    """One row per candidate and mode; on_row(rows so far) is called after each row (see --incremental)."""
     workload = WORKLOADS[workload_name]
     image_like = workload_name == "image"
     elements = workload.elements
@@ -209,6 +210,8 @@ def run(workload_name, device, dtype, candidates, modes, *, warmup, repeats, flu
             except Exception as error:  # a peer that cannot run this case is reported, not fatal
                 rows.append({"candidate": name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
                              "error": f"{type(error).__name__}: {error}"[:200]})
+                if on_row is not None:
+                    on_row(rows)
                 continue
             median = statistics.median(times)
             seconds = median / 1e3
@@ -230,6 +233,8 @@ def run(workload_name, device, dtype, candidates, modes, *, warmup, repeats, flu
                 row["floor_ms"] = floor * 1e3
                 row["time_over_floor"] = seconds / floor
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     # Speed-up against the eager reference of the same mode and dtype.
     for row in rows:
         base = next((r for r in rows if r["candidate"] == "reference" and r["mode"] == row["mode"]
@@ -290,6 +295,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--no-png", action="store_true")
+    parser.add_argument("--incremental", action="store_true",
+                        help="rewrite the JSON after every row, so a run stopped midway keeps what it measured")
     args = parser.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -300,6 +307,20 @@ def main(argv=None):
     saved = []
     for workload in args.workload.split(","):
         rows = []
+
+        def result_of(all_rows) -> dict:
+            return {
+                "workload": workload,
+                "workload_description": WORKLOADS[workload].description,
+                "elements": WORKLOADS[workload].elements,
+                "date": _dt.datetime.now().strftime("%Y-%m-%d"),
+                "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+                "git_commit": git_commit(),
+                "environment": environment,
+                "floors_per_element": {"bytes": FLOOR_BYTES, "flops": FLOOR_FLOPS},
+                "rows": all_rows,
+            }
+
         for dtype_name in args.dtype.split(","):
             candidates = project_candidates(device, workload)
             if not args.no_peers:
@@ -307,23 +328,17 @@ def main(argv=None):
             if args.candidates != "all":
                 wanted = args.candidates.split(",")
                 candidates = {k: v for k, v in candidates.items() if k in wanted}
+            on_row = None
+            if args.incremental and not args.no_save:
+                done = list(rows)  # earlier dtypes of this workload
+                on_row = lambda dtype_rows: write_json(result_of(done + dtype_rows), Path(args.out), workload)  # noqa: E731
             dtype_rows = run(workload, device, getattr(torch, dtype_name), candidates, modes, warmup=warmup,
-                             repeats=repeats, flush=not args.no_flush)
+                             repeats=repeats, flush=not args.no_flush, on_row=on_row)
             print(f"\n{WORKLOADS[workload].description} ({WORKLOADS[workload].elements:,} elements per input), "
                   f"{dtype_name}, on {environment['device_name']}")
             print(format_table(dtype_rows))
             rows += dtype_rows
-        result = {
-            "workload": workload,
-            "workload_description": WORKLOADS[workload].description,
-            "elements": WORKLOADS[workload].elements,
-            "date": _dt.datetime.now().strftime("%Y-%m-%d"),
-            "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
-            "environment": environment,
-            "floors_per_element": {"bytes": FLOOR_BYTES, "flops": FLOOR_FLOPS},
-            "rows": rows,
-        }
+        result = result_of(rows)
         if not args.no_save:
             saved.append(save(result, Path(args.out), png=not args.no_png))
     for path in saved:
