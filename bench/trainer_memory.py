@@ -30,7 +30,8 @@ from ssimkd_kernels.distill.config import load_config  # noqa: E402
 from ssimkd_kernels.distill.data import build_dataset  # noqa: E402
 from ssimkd_kernels.distill.models import build_detector  # noqa: E402
 from ssimkd_kernels.distill.synthetic import ensure_dataset  # noqa: E402
-from ssimkd_kernels.distill.train import resolve_device, train  # noqa: E402
+from ssimkd_kernels.distill.runtime import resolve_device  # noqa: E402
+from ssimkd_kernels.distill.train import train  # noqa: E402
 
 SMALL = ["data.synthetic.image_size=64", "data.synthetic.num_train=64", "data.synthetic.num_val=8",
          "data.min_size=64", "data.max_size=86", "model.fpn_channels=16", "model.anchor_sizes=[8, 16, 32, 64, 128]",

@@ -20,7 +20,8 @@ import torch
 from .config import apply_overrides, load_config, to_dict
 from .evaluate import METRICS
 from .synthetic import ensure_dataset
-from .train import resolve_device, train
+from .runtime import amp_dtype, resolve_device
+from .train import train
 
 PRESETS = {"smoke": "demo-smoke", "default": "demo", "gpu": "demo-gpu"}
 
@@ -43,7 +44,6 @@ def _feature_loss_seconds(config, student_file: Path) -> float:
     from .data import build_dataset, collate
     from .kd import Distiller, build_feature_loss, time_feature_loss
     from .models import freeze, load_detector
-    from .train import amp_dtype
 
     device = resolve_device(config.train.device)
     dtype = amp_dtype(config.train.amp, device)

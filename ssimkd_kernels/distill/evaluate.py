@@ -120,7 +120,7 @@ def run_eval(checkpoint, config_overrides=(), *, out_json=None, progress: bool =
     from .data import build_dataset
     from .models import load_detector
     from .synthetic import ensure_dataset
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device("auto")
     model, saved = load_detector(checkpoint, device)
