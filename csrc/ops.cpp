@@ -443,6 +443,35 @@ using BwdSignature =
         const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
         at::ArrayRef<double>, int64_t, double, double, double, int64_t, double, double, double, bool, bool, bool);
 
+// Autograd saves its inputs with save_for_backward, which refuses tensors made under
+// torch.inference_mode() (a teacher's features, typically) since they have no version counter. Such
+// tensors are held aside in saved_data instead, with an empty slot in the saved list: no copy.
+void save_inputs(AutogradContext* ctx, const variable_list& tensors) {
+  variable_list saved;
+  std::vector<at::Tensor> held;
+  std::vector<int64_t> held_at;
+  for (const at::Tensor& t : tensors) {
+    if (t.defined() && t.is_inference()) {
+      held_at.push_back(int64_t(saved.size()));
+      held.push_back(t);
+      saved.emplace_back();
+    } else {
+      saved.push_back(t);
+    }
+  }
+  ctx->save_for_backward(saved);
+  ctx->saved_data["held"] = held;
+  ctx->saved_data["held_at"] = held_at;
+}
+
+variable_list saved_inputs(AutogradContext* ctx) {
+  variable_list saved = ctx->get_saved_variables();
+  const std::vector<at::Tensor> held = ctx->saved_data["held"].toTensorVector();
+  const std::vector<int64_t> held_at = ctx->saved_data["held_at"].toIntVector();
+  for (size_t k = 0; k < held.size(); ++k) saved[size_t(held_at[k])] = held[k];
+  return saved;
+}
+
 // The op pair an autograd Function runs below the autograd key (so the backend's kernel, or under
 // torch.compile the fake kernel, does the work).
 template <Target target>
@@ -488,7 +517,7 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
     ctx->saved_data["write_map"] = write_map;
     variable_list saved;
     for (at::TensorList list : {xs, ys, x_affines, y_affines}) saved.insert(saved.end(), list.begin(), list.end());
-    ctx->save_for_backward(saved);
+    save_inputs(ctx, saved);
     variable_list out{losses};
     out.insert(out.end(), maps.begin(), maps.end());
     return out;
@@ -500,7 +529,7 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
     const auto level_scales = ctx->saved_data["level_scales"].toDoubleVector();
     const bool clamp = ctx->saved_data["clamp"].toBool(), write_map = ctx->saved_data["write_map"].toBool();
     const int64_t window_size = ints[0], padding = ints[1], levels = ints[2], n_xa = ints[3], n_ya = ints[4];
-    const variable_list saved = ctx->get_saved_variables();
+    const variable_list saved = saved_inputs(ctx);
     const at::TensorList xs(saved.data(), levels), ys(saved.data() + levels, levels);
     const at::TensorList x_affines(saved.data() + 2 * levels, n_xa), y_affines(saved.data() + 2 * levels + n_xa, n_ya);
     auto any_needed = [&](int64_t first, int64_t count) {
@@ -566,7 +595,7 @@ class MinMaxAffineFunction : public torch::autograd::Function<MinMaxAffineFuncti
     variable_list saved(feats.begin(), feats.end());
     saved.insert(saved.end(), affines.begin(), affines.end());
     saved.insert(saved.end(), bounds.begin(), bounds.end());
-    ctx->save_for_backward(saved);
+    save_inputs(ctx, saved);
     ctx->mark_non_differentiable(bounds);
     ctx->saved_data["group"] = group;
     variable_list out(affines.begin(), affines.end());
@@ -578,7 +607,7 @@ class MinMaxAffineFunction : public torch::autograd::Function<MinMaxAffineFuncti
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("ssimkd::minmax_affine_bwd", "")
                                .typed<MinMaxAffineBwdSignature>();
-    const variable_list saved = ctx->get_saved_variables();
+    const variable_list saved = saved_inputs(ctx);
     const size_t count = saved.size() / 3;
     std::vector<at::Tensor> g_affines, feats, affines, bounds;
     std::vector<size_t> wanted;

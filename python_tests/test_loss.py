@@ -73,10 +73,55 @@ def test_module_without_adapter_is_the_function():
     assert torch.equal(criterion(s, t), 0.5 * sk.ssim_kd_loss(s, t, normalize="plane", padding="zero"))
 
 
-def test_module_adapter_needs_level_count():
-    with pytest.raises(ValueError, match="num_levels"):
-        sk.SSIMKDLoss(student_channels=4, teacher_channels=8)
-    assert len(sk.SSIMKDLoss(student_channels=4, teacher_channels=8, num_levels=5).adapters) == 5
+def test_module_single_int_channels_share_one_adapter_across_levels():
+    criterion = sk.SSIMKDLoss(student_channels=4, teacher_channels=8)
+    assert len(criterion.adapters) == 1 and criterion.shared_adapter
+    students = [torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 4, 4, requires_grad=True)]
+    teachers = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    loss = criterion({"p3": students[0], "p4": students[1]}, {"p3": teachers[0], "p4": teachers[1]})
+    shared = criterion.adapters[0]
+    assert_close_verbose(loss, sk.ssim_kd_loss([shared(s) for s in students], teachers), rtol=1e-6)
+    loss.backward()
+    assert shared.weight.grad is not None and all(s.grad is not None for s in students)
+    per_level = sk.SSIMKDLoss(student_channels=4, teacher_channels=8, num_levels=5)
+    assert len(per_level.adapters) == 5 and not per_level.shared_adapter
+    with pytest.raises(ValueError, match="disagree on the number of levels"):
+        sk.SSIMKDLoss(student_channels=[4, 4], teacher_channels=8, num_levels=3)
+    with pytest.raises(TypeError, match="student_channels must be an int or a sequence of ints"):
+        sk.SSIMKDLoss(student_channels="4", teacher_channels=8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda_emulated"])
+@pytest.mark.parametrize("normalize", ["sample", "none"])
+def test_teacher_made_under_inference_mode_is_accepted_as_it_is(backend, normalize):
+    from conftest import backend_available
+
+    if backend != "reference" and not backend_available(backend):
+        pytest.skip(f"backend {backend!r} is not available here")
+    students, teachers = sample_levels([(9, 12), (3, 4)], batch=1, channels=2)
+    with torch.inference_mode():
+        frozen = [t.detach() * 1.0 for t in teachers]
+    assert all(t.is_inference() for t in frozen)
+    plain = [t.detach() for t in teachers]
+    got = sk.ssim_kd_loss(students, frozen, normalize=normalize, backend=backend)
+    want = sk.ssim_kd_loss(students, plain, normalize=normalize, backend=backend)
+    assert torch.equal(got, want)
+    assert_close_verbose(list(torch.autograd.grad(got, students)), list(torch.autograd.grad(want, students)), rtol=0)
+
+
+def test_resize_student_to_the_teachers_size():
+    student = torch.randn(2, 3, 10, 14, requires_grad=True)
+    teacher = torch.randn(2, 3, 20, 28)
+    with pytest.raises(ValueError, match="resize='student'"):
+        sk.ssim_kd_loss(student, teacher)
+    resized = torch.nn.functional.interpolate(student, size=(20, 28), mode="bilinear", align_corners=False)
+    assert torch.equal(sk.ssim_kd_loss(student, teacher, resize="student"), sk.ssim_kd_loss(resized, teacher))
+    criterion = sk.SSIMKDLoss(resize="student")
+    assert torch.equal(criterion([student], [teacher]), sk.ssim_kd_loss(resized, teacher))
+    with pytest.raises(ValueError, match="resize must be one of"):
+        sk.ssim_kd_loss(student, teacher, resize="teacher")
+    with pytest.raises(ValueError, match=r"student \(2, 3, 10, 14\) vs teacher \(2, 4, 20, 28\)"):
+        sk.ssim_kd_loss(student, torch.randn(2, 4, 20, 28), resize="student")
 
 
 def test_ssim_map_shapes():

@@ -28,6 +28,11 @@ NORMALIZE_MODES = ("sample", "level", "plane", "none")
 # The (N, C, H, W) dims each min-max normalisation takes its min and max over.
 NORMALIZE_DIMS = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+# ssim's reductions of the SSIM map: the mean, the sum, one mean per sample.
+REDUCTIONS = ("mean", "sum", "none")
+# How ssim_kd_loss treats a student level whose (H, W) differs from its teacher's: None = an error,
+# "student" = resize the student to the teacher's size (bilinear).
+RESIZE_MODES = (None, "student")
 
 # Levels handled by one launch of a fused kernel; more levels run in several launches of this many.
 # Bounded so the C++ level table (~330 B a level) fits in the classic 4 KiB of CUDA kernel parameters.
@@ -36,3 +41,7 @@ MAX_LEVELS_PER_LAUNCH = 8
 # The oldest triton the Triton kernels run on: 3.0 and 3.1 (paired with torch 2.4 and 2.5) reject their
 # non-constexpr tl.arange bounds. Older installs report the backend unavailable; "auto" then skips it.
 MIN_TRITON_VERSION = (3, 2)
+
+# MS-SSIM's weights of its five scales (Wang, Simoncelli & Bovik 2003), as pytorch-msssim and
+# torchmetrics use them.
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
@@ -30,6 +31,8 @@ from ._constants import (
     MIN_WINDOW,
     NORMALIZE_MODES,
     PADDING_CODES,
+    REDUCTIONS,
+    RESIZE_MODES,
 )
 from .ops import KernelOptions, fused_ssim, plane_affines, resolve_backend
 
@@ -82,8 +85,14 @@ def _as_levels(feats, name: str) -> tuple[list[str], list[Tensor]]:
     return names, tensors
 
 
-def _check_levels(student_feats, teacher_feats, window_size: int, padding: str):
-    """Validate a student/teacher pair of level collections; returns (names, students, teachers)."""
+def _check_levels(student_feats, teacher_feats, window_size: int, padding: str, resize: str | None = None):
+    """Validate a student/teacher pair of level collections; returns (names, students, teachers).
+
+    resize="student": a student level whose (H, W) differs from its teacher's is resized to it
+    (bilinear, as mmrazor's PKD resize_stu); otherwise differing shapes are an error.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     s_names, students = _as_levels(student_feats, "student_feats")
     t_names, teachers = _as_levels(teacher_feats, "teacher_feats")
     if len(students) != len(teachers):
@@ -93,6 +102,13 @@ def _check_levels(student_feats, teacher_feats, window_size: int, padding: str):
             raise ValueError(f"student_feats levels {s_names} vs teacher_feats levels {t_names}")
         teachers = [teacher_feats[k] for k in student_feats]
     device = students[0].device
+    if resize == "student":
+        students = [
+            F.interpolate(s, size=t.shape[2:], mode="bilinear", align_corners=False)
+            if s.dim() == 4 and t.dim() == 4 and s.shape[:2] == t.shape[:2] and s.shape[2:] != t.shape[2:]
+            else s
+            for s, t in zip(students, teachers)
+        ]
     for level, s, t in zip(s_names, students, teachers):
         for role, f in (("student", s), ("teacher", t)):
             if f.dim() != 4:
@@ -104,13 +120,25 @@ def _check_levels(student_feats, teacher_feats, window_size: int, padding: str):
             if f.device != device:
                 raise ValueError(f"level {level!r}: {role} is on {f.device}, level {s_names[0]!r} student on {device}")
         if s.shape != t.shape:
-            raise ValueError(f"level {level!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+            hint = ""
+            if s.shape[:2] == t.shape[:2]:
+                hint = " (resize='student' resizes the student to the teacher's size)"
+            raise ValueError(f"level {level!r}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}{hint}")
         if padding == "valid" and (s.shape[2] < window_size or s.shape[3] < window_size):
             raise ValueError(
                 f"level {level!r}: padding 'valid' needs planes of at least {window_size}x{window_size}, "
                 f"got {s.shape[2]}x{s.shape[3]}"
             )
     return s_names, students, teachers
+
+
+def _autograd_safe(tensors: list[Tensor]) -> list[Tensor]:
+    """The reference backend's inputs, usable in autograd: a tensor made under torch.inference_mode()
+    (a teacher's features, say) cannot be saved for backward, so the reference works on a copy of it.
+    The fused ops need no copy: their autograd holds such inputs aside (csrc/ops.cpp, ops.py)."""
+    if torch.is_inference_mode_enabled():
+        return tensors
+    return [t.clone() if t.is_inference() else t for t in tensors]
 
 
 def _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp) -> KernelOptions:
@@ -135,11 +163,18 @@ def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
     return dtype
 
 
+def _output_extent(n: int, window_size: int, padding: str) -> int:
+    """Size of the SSIM map along an axis of size n: n, or n - 2r for padding "valid"."""
+    return n - 2 * (window_size // 2) if padding == "valid" else n
+
+
 def _output_count(shape: torch.Size, window_size: int, padding: str) -> int:
     n, c, h, w = shape
-    if padding == "valid":
-        h, w = h - 2 * (window_size // 2), w - 2 * (window_size // 2)
-    return n * c * h * w
+    return n * c * _output_extent(h, window_size, padding) * _output_extent(w, window_size, padding)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +216,7 @@ def ssim_map(
     Example:
         >>> m = ssim_map(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
     """
-    return _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduce=False)
+    return _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduction=None)
 
 
 def ssim(
@@ -195,37 +230,88 @@ def ssim(
     k2: float = DEFAULT_K2,
     padding: str = "reflect",
     exponents: Sequence[float] = (1.0, 1.0, 1.0),
+    reduction: str = "mean",
+    mask: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Mean SSIM of x against y over N, C, H', W': a differentiable scalar. Options as ssim_map.
+    """SSIM of x against y reduced over the map, differentiable in both. Options as ssim_map.
+
+    Args:
+        reduction: "mean" (a scalar: the mean over N, C, H', W'), "sum" (the map's sum) or "none" (one
+            mean per sample, shape (N,)).
+        mask: optional weights of the SSIM map, (N, 1, H, W) (shared by the channels) or (N, C, H, W);
+            for padding "valid" either the input's (H, W) (cropped to the valid windows) or the map's
+            (H', W'). "mean" and "none" then give the weighted mean sum(w S) / sum(w), "sum" sum(w S).
 
     Example:
         >>> x = torch.rand(2, 3, 64, 64)
         >>> ssim(x, x)  # tensor(1.)
+        >>> ssim(x, x, reduction="none")  # tensor([1., 1.])
     """
-    return _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduce=True)
+    return _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduction=reduction,
+                 mask=mask)
 
 
-def _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, *, reduce: bool) -> Tensor:
-    """ssim (reduce=True: the mean) and ssim_map (the map), validated, on the chosen backend."""
+def _map_weights(mask: Tensor | None, x: Tensor, window_size: int, padding: str) -> Tensor | None:
+    """The mask as weights of the SSIM map, (N, 1 or C, H', W'), in the accumulation dtype; validated."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a Tensor or None, got {type(mask).__name__}")
+    n, c, h, w = x.shape
+    out_h, out_w = _output_extent(h, window_size, padding), _output_extent(w, window_size, padding)
+    if mask.dim() != 4 or mask.shape[0] != n or mask.shape[1] not in (1, c) or tuple(mask.shape[2:]) not in (
+        (h, w), (out_h, out_w)
+    ):
+        raise ValueError(
+            f"mask must be (N, 1, H, W) or (N, C, H, W) of the input {tuple(x.shape)}"
+            + (f" or of the SSIM map ({out_h}, {out_w})" if (out_h, out_w) != (h, w) else "")
+            + f", got {tuple(mask.shape)}"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device}, the inputs on {x.device}")
+    if mask.is_complex() or not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a floating or bool tensor, got {mask.dtype}")
+    if tuple(mask.shape[2:]) != (out_h, out_w):  # valid padding, mask of the input's size
+        r = window_size // 2
+        mask = mask[:, :, r : h - r, r : w - r]
+    return mask.to(_accumulation_dtype(x.dtype))
+
+
+def _reduce_map(smap: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
+    """A SSIM map reduced as `reduction` says, weighted by `weights` (broadcast over channels) when given."""
+    dims = (1, 2, 3) if reduction == "none" else (0, 1, 2, 3)
+    if weights is None:
+        return smap.sum() if reduction == "sum" else smap.mean(dim=dims)
+    total = (weights * smap).sum(dim=dims)
+    return total if reduction == "sum" else total / weights.expand_as(smap).sum(dim=dims)
+
+
+def _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, *, reduction: str | None,
+          mask: Tensor | None = None) -> Tensor:
+    """ssim (reduced as `reduction` says) and ssim_map (reduction None: the map), validated, on the chosen backend."""
     _check_window_options(window_size, sigma, data_range, k1, k2, padding, exponents)
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _, (x,), (y,) = _check_levels(x, y, window_size, padding)
+    weights = _map_weights(mask, x, window_size, padding)
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
+        x, y = _autograd_safe([x, y])
         smap = reference.ssim_map_reference(
             x, y, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
             padding=padding, exponents=tuple(exponents),
         )
-        return smap.mean() if reduce else smap
+        return smap if reduction is None else _reduce_map(smap, weights, reduction)
     dtype = _common_dtype([x, y])
     options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp=False)
-    if not reduce:
-        _, maps = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [0.0], options, write_map=True)
-        return maps[0]
-    # The kernel reduces m = (1 - S) / 2; unclamped, mean S = 1 - 2 mean m.
-    scale = 1.0 / _output_count(x.shape, window_size, padding)
-    losses, _ = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [scale], options)
-    return 1.0 - 2.0 * losses[0]
+    if reduction == "mean" and weights is None:
+        # The kernel reduces m = (1 - S) / 2; unclamped, mean S = 1 - 2 mean m.
+        scale = 1.0 / _output_count(x.shape, window_size, padding)
+        losses, _ = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [scale], options)
+        return 1.0 - 2.0 * losses[0]
+    _, maps = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [0.0], options, write_map=True)
+    return maps[0] if reduction is None else _reduce_map(maps[0], weights, reduction)
 
 
 def ssim_kd_loss(
@@ -237,6 +323,7 @@ def ssim_kd_loss(
     exponents: Sequence[float] = (1.0, 1.0, 1.0),
     clamp: bool = True,
     level_weights: Sequence[float] | None = None,
+    resize: str | None = None,
     backend: str = "auto",
     window_size: int = DEFAULT_WINDOW,
     sigma: float = DEFAULT_SIGMA,
@@ -257,6 +344,8 @@ def ssim_kd_loss(
         padding, exponents, window_size, sigma, data_range, k1, k2: as ssim_map.
         clamp: clamp the per-pixel loss to [0, 1] (gradient 0 where clamped).
         level_weights: w_l, one per level (default all 1).
+        resize: None (student and teacher levels must match in shape) or "student": a student level of
+            another (H, W) is resized bilinearly to its teacher's (mmrazor PKD's resize_stu).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
 
     Returns:
@@ -272,7 +361,7 @@ def ssim_kd_loss(
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     if not isinstance(clamp, bool):
         raise TypeError(f"clamp must be a bool, got {type(clamp).__name__}")
-    names, students, teachers = _check_levels(student_feats, teacher_feats, window_size, padding)
+    names, students, teachers = _check_levels(student_feats, teacher_feats, window_size, padding, resize)
     if level_weights is None:
         weights = [1.0] * len(students)
     else:
@@ -283,7 +372,7 @@ def ssim_kd_loss(
     chosen = resolve_backend(backend, students[0].device)
     if chosen == "reference":
         return reference.ssim_kd_loss_reference(
-            students, teachers, normalize=normalize, padding=padding, exponents=tuple(exponents), clamp=clamp,
+            _autograd_safe(students), _autograd_safe(teachers), normalize=normalize, padding=padding, exponents=tuple(exponents), clamp=clamp,
             level_weights=weights, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
         )
     dtype = _common_dtype(students + teachers)
@@ -302,23 +391,26 @@ def ssim_kd_loss(
 class SSIMKDLoss(nn.Module):
     """SSIM feature-distillation loss as a module: loss_weight * ssim_kd_loss(phi(student), teacher).
 
-    phi is one 1x1 convolution per level on the student (the paper's optional adapter), built when
-    ``adapter=True`` or when student and teacher channel counts differ.
+    phi is a 1x1 convolution on the student (the paper's optional adapter), built when ``adapter=True``
+    or when student and teacher channel counts differ: one adapter shared by every level when the
+    channels are single ints and ``num_levels`` is not given (as RetinaNet shares its heads across FPN
+    levels), else one per level.
 
     Args:
         loss_weight: lambda, the weight of the feature loss in the total loss.
         student_channels, teacher_channels: channels of each level, an int (same on every level) or
             one int per level; needed only for adapters.
         adapter: always put a 1x1 conv adapter on the student.
-        num_levels: number of levels, when adapters are wanted and the channels are single ints.
+        num_levels: number of levels: with single-int channels, one adapter per level instead of a
+            shared one.
         **loss_options: any keyword option of ssim_kd_loss (normalize, padding, exponents, clamp,
-            level_weights, backend, window_size, sigma, data_range, k1, k2).
+            level_weights, resize, backend, window_size, sigma, data_range, k1, k2).
 
     Shape:
         forward(student_feats, teacher_feats): Tensors, sequences or dicts of (N, C, H, W) levels -> scalar.
 
     Example:
-        >>> criterion = SSIMKDLoss(loss_weight=1.0, student_channels=128, teacher_channels=256, num_levels=5)
+        >>> criterion = SSIMKDLoss(loss_weight=1.0, student_channels=128, teacher_channels=256)  # one shared adapter
         >>> loss = criterion(student_fpn, teacher_fpn)
     """
 
@@ -333,21 +425,29 @@ class SSIMKDLoss(nn.Module):
     ):
         super().__init__()
         unknown = set(loss_options) - {
-            "normalize", "padding", "exponents", "clamp", "level_weights", "backend",
+            "normalize", "padding", "exponents", "clamp", "level_weights", "resize", "backend",
             "window_size", "sigma", "data_range", "k1", "k2",
         }
         if unknown:
             raise TypeError(f"SSIMKDLoss got unknown options {sorted(unknown)}")
         self.loss_weight = float(loss_weight)
         self.loss_options = dict(loss_options)
-        self.adapters = self._build_adapters(student_channels, teacher_channels, adapter, num_levels)
+        self.adapters, self.shared_adapter = self._build_adapters(student_channels, teacher_channels, adapter, num_levels)
 
     @staticmethod
-    def _build_adapters(student_channels, teacher_channels, adapter, num_levels) -> nn.ModuleList | None:
+    def _build_adapters(student_channels, teacher_channels, adapter, num_levels) -> tuple[nn.ModuleList | None, bool]:
+        """The 1x1 adapters phi and whether one is shared by every level.
+
+        Single-int channels without num_levels: one adapter shared by every level (as RetinaNet shares
+        its heads across FPN levels). num_levels or per-level channel lists: one adapter per level.
+        """
+
         def per_level(channels, name):
             if channels is None or isinstance(channels, int):
                 return channels
-            return [int(c) for c in channels]
+            if isinstance(channels, Sequence) and all(isinstance(c, int) and not isinstance(c, bool) for c in channels):
+                return [int(c) for c in channels]
+            raise TypeError(f"{name} must be an int or a sequence of ints (one per level), got {channels!r}")
 
         s_ch = per_level(student_channels, "student_channels")
         t_ch = per_level(teacher_channels, "teacher_channels")
@@ -361,22 +461,27 @@ class SSIMKDLoss(nn.Module):
             )
         differ = s_ch is not None and t_ch is not None and s_ch != t_ch
         if not (adapter or differ):
-            return None
+            return None, False
         if s_ch is None or t_ch is None:
             raise ValueError("adapters need student_channels and teacher_channels")
-        if not lengths:
-            raise ValueError("adapters with single-int channels need num_levels")
+        if not lengths:  # single ints, no level count: one adapter for every level
+            return nn.ModuleList([nn.Conv2d(s_ch, t_ch, kernel_size=1)]), True
         levels = lengths.pop()
         s_list = s_ch if isinstance(s_ch, list) else [s_ch] * levels
         t_list = t_ch if isinstance(t_ch, list) else [t_ch] * levels
-        return nn.ModuleList(nn.Conv2d(s, t, kernel_size=1) for s, t in zip(s_list, t_list))
+        return nn.ModuleList(nn.Conv2d(s, t, kernel_size=1) for s, t in zip(s_list, t_list)), False
 
     def forward(self, student_feats, teacher_feats) -> Tensor:
         if self.adapters is not None:
             names, students = _as_levels(student_feats, "student_feats")
-            if len(students) != len(self.adapters):
-                raise ValueError(f"student_feats has {len(students)} levels, the adapters were built for {len(self.adapters)}")
-            adapted = [adapter(s) for adapter, s in zip(self.adapters, students)]
+            if self.shared_adapter:
+                adapted = [self.adapters[0](s) for s in students]
+            else:
+                if len(students) != len(self.adapters):
+                    raise ValueError(
+                        f"student_feats has {len(students)} levels, the adapters were built for {len(self.adapters)}"
+                    )
+                adapted = [adapter(s) for adapter, s in zip(self.adapters, students)]
             student_feats = dict(zip(names, adapted)) if isinstance(student_feats, Mapping) else adapted
         return self.loss_weight * ssim_kd_loss(student_feats, teacher_feats, **self.loss_options)
 

@@ -173,6 +173,19 @@ _OP_PAIRS = {
 }
 
 
+def save_inputs(ctx, tensors: list[Tensor]) -> None:
+    """ctx.save_for_backward, except for tensors made under torch.inference_mode() (a teacher's
+    features, typically), which it refuses: those are held on ctx as they are (no copy); an inference
+    tensor cannot be modified in place outside inference mode, so it needs no version check."""
+    ctx.held = {i: t for i, t in enumerate(tensors) if t.is_inference()}
+    ctx.save_for_backward(*(None if i in ctx.held else t for i, t in enumerate(tensors)))
+
+
+def saved_inputs(ctx) -> list[Tensor]:
+    """The tensors given to save_inputs, in order."""
+    return [ctx.held.get(i, t) for i, t in enumerate(ctx.saved_tensors)]
+
+
 def _op(qualified_name: str):
     namespace, name = qualified_name.split("::")
     return getattr(getattr(torch.ops, namespace), name)
@@ -191,11 +204,11 @@ def _make_autograd(bwd_name: str):
         ctx.options = inputs[5:14]
         ctx.write_map = inputs[14]
         ctx.counts = (len(xs), len(x_affines), len(y_affines))
-        ctx.save_for_backward(*xs, *ys, *x_affines, *y_affines)
+        save_inputs(ctx, [*xs, *ys, *x_affines, *y_affines])
 
     def backward(ctx, grad_losses, grad_maps):
         levels, n_xa, n_ya = ctx.counts
-        saved = ctx.saved_tensors
+        saved = saved_inputs(ctx)
         xs, ys = list(saved[:levels]), list(saved[levels : 2 * levels])
         x_affines = list(saved[2 * levels : 2 * levels + n_xa])
         y_affines = list(saved[2 * levels + n_xa :])
@@ -306,13 +319,13 @@ class GroupMinMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat: Tensor, mode: str):
         low, high = _group_minmax(feat, mode)
-        ctx.save_for_backward(feat, low, high)
+        save_inputs(ctx, [feat, low, high])
         ctx.mode = mode
         return low, high
 
     @staticmethod
     def backward(ctx, g_low, g_high):
-        feat, low, high = ctx.saved_tensors
+        feat, low, high = saved_inputs(ctx)
         g_low = torch.zeros_like(low) if g_low is None else g_low.to(low.dtype).contiguous()
         g_high = torch.zeros_like(high) if g_high is None else g_high.to(high.dtype).contiguous()
         ext = _extension.loaded()  # the forward resolved the backend: loaded by then if it can be

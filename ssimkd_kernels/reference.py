@@ -21,6 +21,9 @@ __all__ = [
     "reflect_index",
     "blur",
     "ssim_map_reference",
+    "cs_map_reference",
+    "msssim_pyramid",
+    "ms_ssim_reference",
     "normalize_reference",
     "ssim_kd_loss_reference",
 ]
@@ -85,6 +88,18 @@ def _power(v: torch.Tensor, exponent: float) -> torch.Tensor | None:
     return v.pow(exponent)
 
 
+def _blurred_moments(x, y, window_size, sigma, padding):
+    """(mu_x, mu_y, var_x, var_y, cov_xy) of every window, in the accumulation dtype."""
+    acc = _accumulation_dtype(x.dtype)
+    x = x.to(acc)
+    y = y.to(acc)
+    window = gaussian_window_1d(window_size, sigma, dtype=acc, device=x.device)
+    channels = x.shape[1]
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    mu_x, mu_y, e_xx, e_yy, e_xy = blur(stacked, window, padding).split(channels, dim=1)
+    return mu_x, mu_y, e_xx - mu_x * mu_x, e_yy - mu_y * mu_y, e_xy - mu_x * mu_y
+
+
 def ssim_map_reference(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -98,19 +113,9 @@ def ssim_map_reference(
     exponents: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> torch.Tensor:
     """Per-pixel SSIM of x against y, each (N, C, H, W); computed and returned in float32 (float64 stays)."""
-    acc = _accumulation_dtype(x.dtype)
-    x = x.to(acc)
-    y = y.to(acc)
-    window = gaussian_window_1d(window_size, sigma, dtype=acc, device=x.device)
+    mu_x, mu_y, var_x, var_y, cov_xy = _blurred_moments(x, y, window_size, sigma, padding)
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
-
-    channels = x.shape[1]
-    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    mu_x, mu_y, e_xx, e_yy, e_xy = blur(stacked, window, padding).split(channels, dim=1)
-    var_x = e_xx - mu_x * mu_x
-    var_y = e_yy - mu_y * mu_y
-    cov_xy = e_xy - mu_x * mu_y
 
     A1 = 2 * mu_x * mu_y + c1
     B1 = mu_x * mu_x + mu_y * mu_y + c1
@@ -132,6 +137,64 @@ def ssim_map_reference(
         if factor is not None:
             result = result * factor
     return result
+
+
+def cs_map_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    data_range: float = 1.0,
+    k2: float = 0.03,
+    padding: str = "reflect",
+) -> torch.Tensor:
+    """Per-pixel contrast-structure term c s = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2) (C3 = C2 / 2),
+    the factor MS-SSIM takes at every scale but the coarsest."""
+    _, _, var_x, var_y, cov_xy = _blurred_moments(x, y, window_size, sigma, padding)
+    c2 = (k2 * data_range) ** 2
+    return (2 * cov_xy + c2) / (var_x + var_y + c2)
+
+
+def msssim_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """The MS-SSIM scales of x: x, then levels - 1 times a 2x2 average pool (an odd side padded by one zero
+    row or column, counted in the average), as pytorch-msssim does."""
+    scales = [x]
+    for _ in range(levels - 1):
+        x = F.avg_pool2d(x, kernel_size=2, padding=[s % 2 for s in x.shape[2:]])
+        scales.append(x)
+    return scales
+
+
+def positive_power(v: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """relu(v) ** exponent with a finite gradient: 0 (value and gradient) where v <= 0, where
+    relu(v) ** w would give 0 * inf = NaN in the backward for w < 1."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)) ** exponent, torch.zeros_like(v))
+
+
+def ms_ssim_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    data_range: float = 1.0,
+    weights: tuple[float, ...] = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333),
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Multi-scale SSIM per sample, (N,), as pytorch-msssim defines it: valid windows; at every scale but
+    the coarsest the channel mean of c s, at the coarsest the channel mean of SSIM; each relu'd, raised to
+    its weight and multiplied over the scales, then averaged over the channels."""
+    options = dict(window_size=window_size, sigma=sigma, data_range=data_range, k2=k2, padding="valid")
+    acc = _accumulation_dtype(x.dtype)
+    w = torch.tensor(weights, dtype=acc, device=x.device)
+    xs, ys = msssim_pyramid(x.to(acc), len(weights)), msssim_pyramid(y.to(acc), len(weights))
+    terms = [cs_map_reference(a, b, **options).mean(dim=(2, 3)) for a, b in zip(xs[:-1], ys[:-1])]
+    terms.append(ssim_map_reference(xs[-1], ys[-1], k1=k1, **options).mean(dim=(2, 3)))
+    per_channel = torch.stack([positive_power(t, w[i]) for i, t in enumerate(terms)]).prod(dim=0)
+    return per_channel.mean(dim=1)
 
 
 def normalize_reference(feat: torch.Tensor, mode: str) -> torch.Tensor:
