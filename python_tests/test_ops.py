@@ -23,9 +23,25 @@ def _op_args(backend, write_map, affine: bool):
 @pytest.mark.parametrize("write_map", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
 def test_opcheck(backend, write_map, affine):
-    fwd_name, bwd_name = _OP_PAIRS[backend]
+    fwd_name, _ = _OP_PAIRS[backend]
     args = _op_args(backend, write_map, affine)
     torch.library.opcheck(_op(fwd_name), args)
+
+
+@pytest.mark.parametrize("write_map", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("needs", [(True, True), (True, False)], ids=["both", "student-only"])
+def test_opcheck_backward(backend, write_map, affine, needs):
+    """The backward ops as torch sees them: schema, fake kernel, no input mutated, no aliasing."""
+    fwd_name, bwd_name = _OP_PAIRS[backend]
+    students, teachers, x_affines, y_affines, level_scales, *rest = _op_args(backend, write_map, affine)
+    options, write = rest[:-1], rest[-1]
+    with torch.no_grad():
+        losses, maps = _op(fwd_name)(students, teachers, x_affines, y_affines, level_scales, *options, write)
+    grad_losses = torch.rand_like(losses)
+    grad_maps = [torch.rand_like(m) for m in maps] if write_map else []
+    args = (grad_losses, grad_maps, students, teachers, x_affines, y_affines, level_scales, *options, *needs)
+    torch.library.opcheck(_op(bwd_name), args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_fake_kernel_shapes_match(backend):

@@ -89,6 +89,8 @@ exec > >(tee -a "$RESULTS/selftest.log") 2>&1
 TEE_PID=$!
 START=$(date +%s)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MAX_JOBS=$CORES
+# The build step builds the extension in place; no other process may start a first-use build of its own.
+export SSIMKD_NO_JIT=1
 
 say() { printf '\n=== [%4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 left() { echo $(( TOTAL - ($(date +%s) - START) )); }
@@ -250,10 +252,10 @@ start_extension_build() {  # $1: limit. Built into build/selftest-lib, then move
     echo "extension: building (limit $1 s; log: build.log in the details)"
     BUILD_LIMIT=$1
     date +%s.%N > "$WORK/build.start"
-    ( timeout -k 10 "$1" env -u SSIMKD_NO_CUDA TORCH_CUDA_ARCH_LIST=9.0 CFLAGS="${CFLAGS:-} -g0" \
+    ( timeout -k 10 "$1" env -u SSIMKD_NO_CUDA SSIMKD_BUILD_EXT=1 TORCH_CUDA_ARCH_LIST=9.0 CFLAGS="${CFLAGS:-} -g0" \
           "$PY" setup.py build_ext --build-lib build/selftest-lib --force > "$DETAILS/build.log" 2>&1
       rc=$?
-      if [ $rc = 0 ]; then mv -f build/selftest-lib/ssimkd_kernels/_C*.so ssimkd_kernels/ || rc=1; fi
+      if [ $rc = 0 ]; then mv -f build/selftest-lib/ssimkd_kernels/_C*.so* ssimkd_kernels/ || rc=1; fi  # the library and its record
       date +%s.%N > "$WORK/build.end"
       echo $rc > "$WORK/build.rc" ) &
     BUILD_PID=$!

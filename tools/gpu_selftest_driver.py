@@ -99,7 +99,7 @@ def copy_bandwidth_tbps(device) -> float:
 
 
 def cmd_env(args) -> int:
-    from ssimkd_kernels.ops import CUDA_COMPILED, EXTENSION_ERROR
+    from ssimkd_kernels import _extension
 
     info = {
         "python": platform.python_version(),
@@ -108,9 +108,8 @@ def cmd_env(args) -> int:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_count": os.cpu_count(),
         "cuda_available": torch.cuda.is_available(),
-        "backends": sk.available_backends(),
-        "extension_cuda_compiled": CUDA_COMPILED,
-        "extension_error": None if EXTENSION_ERROR is None else str(EXTENSION_ERROR)[:300],
+        "backends": sk.available_backends(),  # loads the extension (no first-use build: SSIMKD_NO_JIT)
+        "extension": _extension.describe(),
         "tools": {**{name: _tool_version(name) for name in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi")},
                   "c++": _tool_version("c++", line=0)},  # the host compiler: C++20 needs GCC 10 or newer
     }
