@@ -19,10 +19,10 @@ import math
 
 import pytest
 import torch
-
-import ssimkd_kernels as sk
 from conftest import TINY_PLANES, case_size, device_of, sample_levels
 from utils import assert_close_verbose, grads
+
+import ssimkd_kernels as sk
 
 RTOL = {torch.float64: 1e-6, torch.float32: 1e-5}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -61,8 +61,10 @@ def check_against_reference(backend, students, teachers, **options):
         # For the loss (a sum of means of 1 - S, S in [-1, 1]) that scale is 1; for a gradient, the
         # fused op's scale * dL/dx-hat, which autograd adds to the min/max gradient (they cancel where
         # the truth is 0 up to rounding, as on a 1x1 plane under the structure term alone).
-        term_scale = max([float(t.abs().max()) for t in _kernel_gradient_terms(students, teachers, **options)]
-                         + [_gradient_unit(students, **options)])
+        term_scale = max(
+            [float(t.abs().max()) for t in _kernel_gradient_terms(students, teachers, **options)]
+            + [_gradient_unit(students, **options)]
+        )
         for name, got_, want_, ref_, floor in [
             ("loss", [loss], [true_loss], [ref_loss], 1.0),
             ("grad", [g for g, _ in pairs], [w for _, w in pairs], ref_grads, term_scale),
@@ -80,8 +82,10 @@ def check_against_reference(backend, students, teachers, **options):
     # The roundings are counted at the scale of the largest term of any gradient (norm-wise over all
     # inputs, as for float32): a level whose gradient is 0 up to rounding (a 1x1 plane under the
     # structure term alone) is judged against the gradient it is part of, not against its own noise.
-    grad_scale = max([max(float(w.detach().abs().max()), float(t.detach().abs().max()))
-                      for (_, w), t in zip(pairs, terms)] + [_gradient_unit(students, **options)])
+    grad_scale = max(
+        [max(float(w.detach().abs().max()), float(t.detach().abs().max())) for (_, w), t in zip(pairs, terms)]
+        + [_gradient_unit(students, **options)]
+    )
     for name, fused, lowp, truth, scale in [("loss", loss, ref_loss, true_loss, float(true_loss.detach().abs()))] + [
         (f"grad {i}", g, r, w, grad_scale) for i, ((g, w), r) in enumerate(zip(pairs, ref_pairs))
     ]:
@@ -98,14 +102,16 @@ def _gradient_unit(students, window_size=11, padding="reflect", level_weights=No
     optimum, or where the normalisation makes x-hat constant)."""
     weights = level_weights or [1.0] * len(students)
     shrink = 2 * (window_size // 2) if padding == "valid" else 0
-    return max(abs(w) / (2 * s.shape[0] * s.shape[1] * (s.shape[2] - shrink) * (s.shape[3] - shrink))
-               for w, s in zip(weights, students))
+    return max(
+        abs(w) / (2 * s.shape[0] * s.shape[1] * (s.shape[2] - shrink) * (s.shape[3] - shrink))
+        for w, s in zip(weights, students)
+    )
 
 
 def _kernel_gradient_terms(students, teachers, normalize="sample", **options):
     """scale * dL/dx-hat per input, in float64, with the normalisation held fixed: the largest terms
     that the fused path rounds to the input dtype before autograd adds the min/max gradient."""
-    from ssimkd_kernels.ops import plane_affines
+    from ssimkd_kernels.normalize import plane_affines
 
     s64 = [s.detach().double().requires_grad_(s.requires_grad) for s in students]
     t64 = [t.detach().double().requires_grad_(t.requires_grad) for t in teachers]
@@ -114,10 +120,12 @@ def _kernel_gradient_terms(students, teachers, normalize="sample", **options):
         scales = [1.0] * len(inputs)
     else:
         affines = [a.detach() for a in plane_affines([x.detach() for x in s64 + t64], normalize)]
-        inputs = [((x.detach() - a[..., 1:, None]) * a[..., :1, None]).requires_grad_(x.requires_grad)
-                  for x, a in zip(s64 + t64, affines)]
+        inputs = [
+            ((x.detach() - a[..., 1:, None]) * a[..., :1, None]).requires_grad_(x.requires_grad)
+            for x, a in zip(s64 + t64, affines)
+        ]
         scales = [a[..., :1, None] for a in affines]
-    loss = sk.ssim_kd_loss(inputs[: len(s64)], inputs[len(s64):], backend="reference", normalize="none", **options)
+    loss = sk.ssim_kd_loss(inputs[: len(s64)], inputs[len(s64) :], backend="reference", normalize="none", **options)
     return [scale * g for g, scale in zip(grads(loss, inputs), scales) if g is not None]
 
 
@@ -130,8 +138,9 @@ def _float_dtype(backend):
 @pytest.mark.parametrize("normalize", ["sample", "level", "plane", "none"])
 def test_options(backend, padding, exponents, normalize):
     planes = TINY_PLANES + [(13, 21)] if padding != "valid" else [(11, 11), (12, 17), (13, 21)]
-    students, teachers = sample_levels(planes, dtype=_float_dtype(backend), device=device_of(backend),
-                                       signed=normalize != "none", **case_size(backend))
+    students, teachers = sample_levels(
+        planes, dtype=_float_dtype(backend), device=device_of(backend), signed=normalize != "none", **case_size(backend)
+    )
     check_against_reference(backend, students, teachers, padding=padding, exponents=exponents, normalize=normalize)
 
 
@@ -139,8 +148,9 @@ def test_options(backend, padding, exponents, normalize):
 @pytest.mark.parametrize("padding", ["reflect", "valid"])
 def test_window_sizes(backend, window_size, sigma, padding):
     planes = [(2, 3), (9, 5), (17, 20)] if padding == "reflect" else [(15, 15), (17, 20)]
-    students, teachers = sample_levels(planes, dtype=_float_dtype(backend), device=device_of(backend),
-                                       **case_size(backend))
+    students, teachers = sample_levels(
+        planes, dtype=_float_dtype(backend), device=device_of(backend), **case_size(backend)
+    )
     check_against_reference(backend, students, teachers, window_size=window_size, sigma=sigma, padding=padding)
 
 
@@ -148,21 +158,28 @@ def test_window_sizes(backend, window_size, sigma, padding):
 def test_dtypes(backend, dtype):
     if dtype == torch.float64 and backend == "triton":
         pytest.skip("the triton backend takes float16, bfloat16 and float32")
-    students, teachers = sample_levels([(1, 1), (5, 7), (19, 33), (40, 70)], dtype=dtype, device=device_of(backend),
-                                       **case_size(backend))
+    students, teachers = sample_levels(
+        [(1, 1), (5, 7), (19, 33), (40, 70)], dtype=dtype, device=device_of(backend), **case_size(backend)
+    )
     check_against_reference(backend, students, teachers)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_layouts(backend, layout):
-    students, teachers = sample_levels([(3, 4), (9, 13), (20, 70)], dtype=_float_dtype(backend),
-                                       device=device_of(backend), layout=layout, **case_size(backend))
+    students, teachers = sample_levels(
+        [(3, 4), (9, 13), (20, 70)],
+        dtype=_float_dtype(backend),
+        device=device_of(backend),
+        layout=layout,
+        **case_size(backend),
+    )
     check_against_reference(backend, students, teachers)
 
 
 def test_teacher_gradient_only_when_asked(backend):
-    students, teachers = sample_levels([(6, 9), (13, 21)], dtype=_float_dtype(backend), device=device_of(backend),
-                                       **case_size(backend))
+    students, teachers = sample_levels(
+        [(6, 9), (13, 21)], dtype=_float_dtype(backend), device=device_of(backend), **case_size(backend)
+    )
     for t in teachers:
         t.requires_grad_(False)
     check_against_reference(backend, students, teachers)
@@ -175,8 +192,9 @@ def test_teacher_gradient_only_when_asked(backend):
 
 @pytest.mark.parametrize("clamp", [True, False])
 def test_clamp_and_level_weights(backend, clamp):
-    students, teachers = sample_levels([(5, 7), (13, 21)], dtype=_float_dtype(backend), device=device_of(backend),
-                                       signed=False, **case_size(backend))
+    students, teachers = sample_levels(
+        [(5, 7), (13, 21)], dtype=_float_dtype(backend), device=device_of(backend), signed=False, **case_size(backend)
+    )
     # teacher = 1 - student: strongly anti-correlated planes, SSIM near -1, m near 1 (the clamp's edge)
     teachers = [(1 - s.detach()).requires_grad_() for s in students]
     check_against_reference(backend, students, teachers, clamp=clamp, normalize="none", level_weights=[0.3, 2.0])
@@ -213,8 +231,9 @@ def test_bitwise_deterministic(backend):
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("normalize", ["sample", "none"])
 def test_nan_and_inf_give_nan_loss(backend, value, normalize):
-    students, teachers = sample_levels([(5, 7), (9, 9)], device=device_of(backend), requires_grad=False,
-                                       **case_size(backend))
+    students, teachers = sample_levels(
+        [(5, 7), (9, 9)], device=device_of(backend), requires_grad=False, **case_size(backend)
+    )
     students[1][0, 1, 4, 4] = value
     loss = sk.ssim_kd_loss(students, teachers, normalize=normalize, backend=backend)
     assert torch.isnan(loss)
@@ -223,6 +242,7 @@ def test_nan_and_inf_give_nan_loss(backend, value, normalize):
 def test_many_levels_span_several_launches(backend):
     # More levels than one launch holds (MAX_LEVELS_PER_LAUNCH) still reduce to one loss.
     planes = [(1 + i % 5, 2 + (3 * i) % 7) for i in range(14)]
-    students, teachers = sample_levels(planes, batch=1, channels=2, dtype=_float_dtype(backend),
-                                       device=device_of(backend))
+    students, teachers = sample_levels(
+        planes, batch=1, channels=2, dtype=_float_dtype(backend), device=device_of(backend)
+    )
     check_against_reference(backend, students, teachers)

@@ -11,11 +11,12 @@ import contextlib
 
 import pytest
 import torch
+from conftest import backend_available, sample_levels
+from test_backends import check_against_reference
 
 import ssimkd_kernels as sk
-from conftest import backend_available, sample_levels
-from ssimkd_kernels.ops import _GROUP_CODES, EMULATED_CUDA, _group_minmax
-from test_backends import check_against_reference
+from ssimkd_kernels.normalize import _GROUP_CODES, _group_minmax
+from ssimkd_kernels.ops import EMULATED_CUDA
 
 pytestmark = pytest.mark.skipif(not backend_available(EMULATED_CUDA), reason="the C++ extension is not available here")
 
@@ -48,7 +49,11 @@ def _tile_kernel_barriers() -> list[str]:
 
 # Several tiles both ways (2 x 2 float32 tiles of 32, 3 x 3 float64 tiles of 16), a plane smaller than
 # the window and a 1x1 plane; "valid" needs planes of at least the window.
-STAGE_PLANES = {"reflect": [(35, 40), (5, 7), (1, 1)], "zero": [(35, 40), (5, 7), (1, 1)], "valid": [(35, 40), (11, 12)]}
+STAGE_PLANES = {
+    "reflect": [(35, 40), (5, 7), (1, 1)],
+    "zero": [(35, 40), (5, 7), (1, 1)],
+    "valid": [(35, 40), (11, 12)],
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -57,8 +62,9 @@ STAGE_PLANES = {"reflect": [(35, 40), (5, 7), (1, 1)], "zero": [(35, 40), (5, 7)
 def test_every_stage_matches_the_reference(dtype, padding, normalize, teacher_grad):
     # "sample": per-plane affines and their gradient (the plane-sum kernel), student gradient only (3
     # coefficient maps blurred back); "none": no affine, both gradients (5 maps).
-    students, teachers = sample_levels(STAGE_PLANES[padding], batch=2, channels=2, dtype=dtype,
-                                       signed=normalize != "none")
+    students, teachers = sample_levels(
+        STAGE_PLANES[padding], batch=2, channels=2, dtype=dtype, signed=normalize != "none"
+    )
     if not teacher_grad:
         teachers = [t.detach() for t in teachers]
     check_against_reference(EMULATED_CUDA, students, teachers, padding=padding, normalize=normalize)
@@ -100,8 +106,10 @@ def test_a_halo_one_row_short_is_an_uninitialised_read():
     # the region is 42 x 42 (a 32-pixel tile and 5 pixels each side); its last row starts at xs[1722],
     # which the centring (thread 1722 % 256) reads first
     message = str(error.value)
-    assert message.startswith("ssimkd emulated initcheck: read of xs[1722] before any thread wrote it, thread 186 "
-                              "in stage 'load', block 0 of ssim_fwd_kernel<float, R=5>")
+    assert message.startswith(
+        "ssimkd emulated initcheck: read of xs[1722] before any thread wrote it, thread 186 "
+        "in stage 'load', block 0 of ssim_fwd_kernel<float, R=5>"
+    )
 
 
 def test_a_halo_one_row_long_is_out_of_bounds():
@@ -109,15 +117,20 @@ def test_a_halo_one_row_long_is_out_of_bounds():
     # thread 0 (which runs first) strides from xs[1536] to xs[1792]
     with planted("halo_rows", value=1), pytest.raises(RuntimeError) as error:
         _forward_backward()
-    assert str(error.value).startswith("ssimkd emulated memcheck: xs[1792] is outside the buffer (1764 elements), "
-                                       "thread 0 in stage 'load', block 0 of ssim_fwd_kernel<float, R=5>")
+    assert str(error.value).startswith(
+        "ssimkd emulated memcheck: xs[1792] is outside the buffer (1764 elements), "
+        "thread 0 in stage 'load', block 0 of ssim_fwd_kernel<float, R=5>"
+    )
 
 
 def test_a_column_past_the_plane_is_outside_the_tensor():
     with planted("last_column", value=1), pytest.raises(RuntimeError) as error:
         _forward_backward(planes=[(20, 37)])
     message = str(error.value)
-    assert "ssimkd emulated memcheck: access outside tensor x of level 0 (1, 2, 20, 37) at (n, c, h, w) = (0, 0, " in message
+    assert (
+        "ssimkd emulated memcheck: access outside tensor x of level 0 (1, 2, 20, 37) at (n, c, h, w) = (0, 0, "
+        in message
+    )
     assert ", 37), thread " in message and "in stage 'blur back vertically'" in message
 
 
@@ -139,8 +152,9 @@ def test_unknown_bug_names_the_choices():
 
 
 @pytest.mark.parametrize("mode", ["sample", "level", "plane"])
-@pytest.mark.parametrize("dtype, layout", [(torch.float32, "contiguous"), (torch.float16, "channels_last"),
-                                           (torch.float64, "sliced")])
+@pytest.mark.parametrize(
+    "dtype, layout", [(torch.float32, "contiguous"), (torch.float16, "channels_last"), (torch.float64, "sliced")]
+)
 def test_minmax_gradient_kernels_match_the_cpu_op(mode, dtype, layout):
     # 2 x 3 planes of 23 x 45: two count blocks per plane; rows 3 and 5 of every plane tie with the
     # first group's max and min, so every group has several ties at one bound or both
@@ -150,8 +164,9 @@ def test_minmax_gradient_kernels_match_the_cpu_op(mode, dtype, layout):
     x[:, :, 5, :] = low[0].to(dtype)
     low, high = _group_minmax(x, mode)
     args = (x, low, high, torch.randn_like(low), torch.randn_like(high), _GROUP_CODES[mode])
-    torch.testing.assert_close(torch.ops.ssimkd.minmax_grad_cuda_emulated(*args), torch.ops.ssimkd.minmax_grad(*args),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.ops.ssimkd.minmax_grad_cuda_emulated(*args), torch.ops.ssimkd.minmax_grad(*args), rtol=0, atol=0
+    )
 
 
 def test_minmax_gradient_of_a_group_with_nan_is_nan():

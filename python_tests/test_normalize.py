@@ -7,7 +7,7 @@ evenly, a constant group sending both shares to every element), for every mode, 
 import pytest
 import torch
 
-from ssimkd_kernels.ops import GroupMinMax, _minmax_grad_eager
+from ssimkd_kernels.normalize import GroupMinMax, _minmax_grad_eager
 
 MODES = ["sample", "level", "plane"]
 DIMS = {"sample": (1, 2, 3), "level": (0, 1, 2, 3), "plane": (2, 3)}
@@ -42,8 +42,7 @@ def test_minmax_and_gradient_equal_amin_amax(mode, layout):
     g_low, g_high = torch.randn_like(low), torch.randn_like(high)
     (grad,) = torch.autograd.grad([low, high], [x], [g_low, g_high])
     torch.testing.assert_close(grad, _autograd_truth(x, mode, g_low, g_high), rtol=1e-15, atol=0)
-    torch.testing.assert_close(_minmax_grad_eager(x.detach(), low, high, g_low, g_high, mode), grad, rtol=1e-15,
-                               atol=0)
+    torch.testing.assert_close(_minmax_grad_eager(x.detach(), low, high, g_low, g_high, mode), grad, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -89,8 +88,11 @@ def _affine_truth(x, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_minmax_affine_equals_the_formula_through_amin_amax(mode, layout):
-    feats = [_with_ties((3, 4, 5, 6), torch.float64), torch.randn(3, 4, 1, 1, dtype=torch.float64),
-             torch.randn(3, 4, 70, 9, dtype=torch.float64)]
+    feats = [
+        _with_ties((3, 4, 5, 6), torch.float64),
+        torch.randn(3, 4, 1, 1, dtype=torch.float64),
+        torch.randn(3, 4, 70, 9, dtype=torch.float64),
+    ]
     if layout == "channels_last":
         feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
     elif layout == "sliced":
@@ -141,9 +143,12 @@ def test_minmax_affine_nan_gives_nan():
 
 
 def test_minmax_affine_gradcheck_and_opcheck():
-    feats = [torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),
-             torch.randn(2, 3, 2, 7, dtype=torch.float64, requires_grad=True)]  # no ties: differentiable
+    feats = [
+        torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 3, 2, 7, dtype=torch.float64, requires_grad=True),
+    ]  # no ties: differentiable
     for mode in MODES:
-        assert torch.autograd.gradcheck(lambda *f, m=mode: torch.ops.ssimkd.minmax_affine(list(f), CODES[m], 1e-6)[0],
-                                        tuple(feats))
+        assert torch.autograd.gradcheck(
+            lambda *f, m=mode: torch.ops.ssimkd.minmax_affine(list(f), CODES[m], 1e-6)[0], tuple(feats)
+        )
         torch.library.opcheck(torch.ops.ssimkd.minmax_affine.default, (feats, CODES[mode], 1e-6))

@@ -1,15 +1,18 @@
 """The custom ops as torch sees them: opcheck, fake kernels, torch.compile without graph breaks."""
 
+from dataclasses import fields
+
 import pytest
 import torch
+from conftest import backend_available, device_of, sample_levels
 from torch import nn
 
 import ssimkd_kernels as sk
-from ssimkd_kernels.ops import KernelOptions, fused_ssim, _OP_PAIRS, _op
-from conftest import device_of, sample_levels
+from ssimkd_kernels.ops import _FWD_OPTIONS, _OP_PAIRS, _OPTION_COUNT, EMULATED_CUDA, KernelOptions, _op, fused_ssim
 
-OPTIONS = KernelOptions(window_size=11, sigma=1.5, c1=1e-4, c2=9e-4, padding=0, alpha=1.0, beta=1.0, gamma=1.0,
-                        clamp=True)
+OPTIONS = KernelOptions(
+    window_size=11, sigma=1.5, c1=1e-4, c2=9e-4, padding=0, alpha=1.0, beta=1.0, gamma=1.0, clamp=True
+)
 
 
 def _op_args(backend, write_map, affine: bool):
@@ -97,3 +100,24 @@ def test_fused_ssim_returns_scaled_level_sums(backend):
     ones, _ = fused_ssim(backend, students, teachers, [], [], [1.0, 1.0], OPTIONS)
     halves, _ = fused_ssim(backend, students, teachers, [], [], [0.5, 2.0], OPTIONS)
     assert torch.allclose(halves, ones * torch.tensor([0.5, 2.0], device=ones.device))
+
+
+def _signature(qualified_name: str) -> tuple:
+    schema = _op(qualified_name).default._schema
+    return [(a.name, str(a.type)) for a in schema.arguments], [str(r.type) for r in schema.returns]
+
+
+@pytest.mark.parametrize("direction", [0, 1], ids=["fwd", "bwd"])
+def test_every_backend_defines_one_schema(direction):
+    """The C++ ops (csrc/ops.cpp) and the Triton ops (ops.py) are declared separately: they must agree
+    argument for argument, and the scalar options must sit where KernelOptions says."""
+    if not backend_available("cpu"):
+        pytest.skip("the C++ extension is not available here")
+    triton = _signature(_OP_PAIRS["triton"][direction])
+    for backend in ("cpu", EMULATED_CUDA):
+        assert _signature(_OP_PAIRS[backend][direction]) == triton, backend
+    names = [name for name, _ in triton[0]]
+    first = names.index("window_size")
+    assert tuple(names[first : first + _OPTION_COUNT]) == tuple(f.name for f in fields(KernelOptions))
+    if direction == 0:
+        assert names[_FWD_OPTIONS] == [f.name for f in fields(KernelOptions)]

@@ -34,7 +34,8 @@ from ._constants import (
     REDUCTIONS,
     RESIZE_MODES,
 )
-from .ops import KernelOptions, fused_ssim, plane_affines, resolve_backend
+from .normalize import plane_affines
+from .ops import KernelOptions, fused_ssim, resolve_backend
 
 __all__ = ["ssim", "ssim_map", "ssim_kd_loss", "SSIMKDLoss"]
 
@@ -163,14 +164,9 @@ def _common_dtype(tensors: list[Tensor]) -> torch.dtype:
     return dtype
 
 
-def _output_extent(n: int, window_size: int, padding: str) -> int:
-    """Size of the SSIM map along an axis of size n: n, or n - 2r for padding "valid"."""
-    return n - 2 * (window_size // 2) if padding == "valid" else n
-
-
 def _output_count(shape: torch.Size, window_size: int, padding: str) -> int:
     n, c, h, w = shape
-    return n * c * _output_extent(h, window_size, padding) * _output_extent(w, window_size, padding)
+    return n * c * reference.output_extent(h, window_size, padding) * reference.output_extent(w, window_size, padding)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -248,8 +244,9 @@ def ssim(
         >>> ssim(x, x)  # tensor(1.)
         >>> ssim(x, x, reduction="none")  # tensor([1., 1.])
     """
-    return _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduction=reduction,
-                 mask=mask)
+    return _ssim(
+        x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, reduction=reduction, mask=mask
+    )
 
 
 def _map_weights(mask: Tensor | None, x: Tensor, window_size: int, padding: str) -> Tensor | None:
@@ -259,9 +256,12 @@ def _map_weights(mask: Tensor | None, x: Tensor, window_size: int, padding: str)
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a Tensor or None, got {type(mask).__name__}")
     n, c, h, w = x.shape
-    out_h, out_w = _output_extent(h, window_size, padding), _output_extent(w, window_size, padding)
-    if mask.dim() != 4 or mask.shape[0] != n or mask.shape[1] not in (1, c) or tuple(mask.shape[2:]) not in (
-        (h, w), (out_h, out_w)
+    out_h, out_w = reference.output_extent(h, window_size, padding), reference.output_extent(w, window_size, padding)
+    if (
+        mask.dim() != 4
+        or mask.shape[0] != n
+        or mask.shape[1] not in (1, c)
+        or tuple(mask.shape[2:]) not in ((h, w), (out_h, out_w))
     ):
         raise ValueError(
             f"mask must be (N, 1, H, W) or (N, C, H, W) of the input {tuple(x.shape)}"
@@ -287,8 +287,21 @@ def _reduce_map(smap: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
     return total if reduction == "sum" else total / weights.expand_as(smap).sum(dim=dims)
 
 
-def _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, backend, *, reduction: str | None,
-          mask: Tensor | None = None) -> Tensor:
+def _ssim(
+    x,
+    y,
+    window_size,
+    sigma,
+    data_range,
+    k1,
+    k2,
+    padding,
+    exponents,
+    backend,
+    *,
+    reduction: str | None,
+    mask: Tensor | None = None,
+) -> Tensor:
     """ssim (reduced as `reduction` says) and ssim_map (reduction None: the map), validated, on the chosen backend."""
     _check_window_options(window_size, sigma, data_range, k1, k2, padding, exponents)
     if reduction is not None and reduction not in REDUCTIONS:
@@ -299,8 +312,15 @@ def _ssim(x, y, window_size, sigma, data_range, k1, k2, padding, exponents, back
     if chosen == "reference":
         x, y = _autograd_safe([x, y])
         smap = reference.ssim_map_reference(
-            x, y, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
-            padding=padding, exponents=tuple(exponents),
+            x,
+            y,
+            window_size=window_size,
+            sigma=sigma,
+            data_range=data_range,
+            k1=k1,
+            k2=k2,
+            padding=padding,
+            exponents=tuple(exponents),
         )
         return smap if reduction is None else _reduce_map(smap, weights, reduction)
     dtype = _common_dtype([x, y])
@@ -367,13 +387,25 @@ def ssim_kd_loss(
     else:
         weights = [float(w) for w in level_weights]
         if len(weights) != len(students) or not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"level_weights must be {len(students)} finite numbers (one per level), got {level_weights!r}")
+            raise ValueError(
+                f"level_weights must be {len(students)} finite numbers (one per level), got {level_weights!r}"
+            )
 
     chosen = resolve_backend(backend, students[0].device)
     if chosen == "reference":
         return reference.ssim_kd_loss_reference(
-            _autograd_safe(students), _autograd_safe(teachers), normalize=normalize, padding=padding, exponents=tuple(exponents), clamp=clamp,
-            level_weights=weights, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
+            _autograd_safe(students),
+            _autograd_safe(teachers),
+            normalize=normalize,
+            padding=padding,
+            exponents=tuple(exponents),
+            clamp=clamp,
+            level_weights=weights,
+            window_size=window_size,
+            sigma=sigma,
+            data_range=data_range,
+            k1=k1,
+            k2=k2,
         )
     dtype = _common_dtype(students + teachers)
     students = [s.to(dtype) for s in students]
@@ -425,14 +457,26 @@ class SSIMKDLoss(nn.Module):
     ):
         super().__init__()
         unknown = set(loss_options) - {
-            "normalize", "padding", "exponents", "clamp", "level_weights", "resize", "backend",
-            "window_size", "sigma", "data_range", "k1", "k2",
+            "normalize",
+            "padding",
+            "exponents",
+            "clamp",
+            "level_weights",
+            "resize",
+            "backend",
+            "window_size",
+            "sigma",
+            "data_range",
+            "k1",
+            "k2",
         }
         if unknown:
             raise TypeError(f"SSIMKDLoss got unknown options {sorted(unknown)}")
         self.loss_weight = float(loss_weight)
         self.loss_options = dict(loss_options)
-        self.adapters, self.shared_adapter = self._build_adapters(student_channels, teacher_channels, adapter, num_levels)
+        self.adapters, self.shared_adapter = self._build_adapters(
+            student_channels, teacher_channels, adapter, num_levels
+        )
 
     @staticmethod
     def _build_adapters(student_channels, teacher_channels, adapter, num_levels) -> tuple[nn.ModuleList | None, bool]:

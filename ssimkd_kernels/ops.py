@@ -17,24 +17,23 @@ x-hat = scale * (x - offset) per plane (empty list: identity). The backward take
 and dL/d maps and recomputes everything from the inputs: nothing but the inputs is saved.
 
 Autograd: the C++ ops register theirs in C++ (csrc/ops.cpp), the Triton pair here; fake kernels of
-all of them are here. The min-max normalisation's statistics are ssimkd::minmax_affine on the CPU
-(one op for every map; autograd in C++) and GroupMinMax elsewhere (see plane_affines).
+all of them are here. The min-max normalisation's ops live in normalize.py.
 """
 
 # No `from __future__ import annotations`: torch 2.4's custom_op reads the annotations as objects.
-import math
 import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Tuple  # noqa: UP035 (torch 2.4, see the Triton ops)
 
 import torch
 from torch import Tensor
 
 from . import _extension
-from ._constants import BACKENDS, MIN_TRITON_VERSION, NORM_EPS, NORMALIZE_DIMS, PADDING_CODES
+from ._constants import BACKENDS, MIN_TRITON_VERSION
+from .reference import output_extent
 
 EMULATED_CUDA = "cuda_emulated"
 
@@ -54,25 +53,18 @@ class KernelOptions:
     clamp: bool
 
     def as_args(self) -> tuple:
-        return (
-            self.window_size,
-            self.sigma,
-            self.c1,
-            self.c2,
-            self.padding,
-            self.alpha,
-            self.beta,
-            self.gamma,
-            self.clamp,
-        )
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+# Where the options sit among the ops' arguments: fwd (xs, ys, x_affines, y_affines, level_scales,
+# <options>, write_map); bwd (grad_losses, grad_maps, <the same>, x_needs_grad, y_needs_grad).
+_OPTION_COUNT = len(fields(KernelOptions))
+_FWD_OPTIONS = slice(5, 5 + _OPTION_COUNT)
+_FWD_NON_TENSOR_ARGS = 1 + _OPTION_COUNT + 1  # level_scales, the options, write_map: no gradients
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _output_extent(n, window_size: int, padding: int):
-    return n - 2 * (window_size // 2) if padding == PADDING_CODES["valid"] else n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,21 +131,55 @@ def _fused_ssim_bwd_triton(
 # ------------------------------------------------------------------------------------------------
 
 
-def _fwd_fake(xs, ys, x_affines, y_affines, level_scales, window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp, write_map):
+def _fwd_fake(
+    xs,
+    ys,
+    x_affines,
+    y_affines,
+    level_scales,
+    window_size,
+    sigma,
+    c1,
+    c2,
+    padding,
+    alpha,
+    beta,
+    gamma,
+    clamp,
+    write_map,
+):
     torch._check(len(xs) > 0 and len(xs) == len(ys), lambda: "ssimkd: one teacher level per student level")
     acc = _accumulation_dtype(xs[0].dtype)
     losses = xs[0].new_empty((len(xs),), dtype=acc)
     maps = []
     if write_map:
         for x in xs:
-            h = _output_extent(x.shape[2], window_size, padding)
-            w = _output_extent(x.shape[3], window_size, padding)
+            h = output_extent(x.shape[2], window_size, padding)
+            w = output_extent(x.shape[3], window_size, padding)
             maps.append(x.new_empty((x.shape[0], x.shape[1], h, w), dtype=acc))
     return losses, maps
 
 
-def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, window_size, sigma, c1, c2, padding, alpha, beta,
-              gamma, clamp, x_needs_grad, y_needs_grad):
+def _bwd_fake(
+    grad_losses,
+    grad_maps,
+    xs,
+    ys,
+    x_affines,
+    y_affines,
+    level_scales,
+    window_size,
+    sigma,
+    c1,
+    c2,
+    padding,
+    alpha,
+    beta,
+    gamma,
+    clamp,
+    x_needs_grad,
+    y_needs_grad,
+):
     gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
     gys = [torch.empty_like(y) for y in ys] if y_needs_grad else []
     gxa = [a.new_empty(a.shape) for a in x_affines] if x_needs_grad else []
@@ -201,8 +227,8 @@ def _make_autograd(bwd_name: str):
     def setup_context(ctx, inputs, output):
         xs, ys, x_affines, y_affines, level_scales = inputs[:5]
         ctx.level_scales = level_scales
-        ctx.options = inputs[5:14]
-        ctx.write_map = inputs[14]
+        ctx.options = inputs[_FWD_OPTIONS]
+        ctx.write_map = inputs[_FWD_OPTIONS.stop]
         ctx.counts = (len(xs), len(x_affines), len(y_affines))
         save_inputs(ctx, [*xs, *ys, *x_affines, *y_affines])
 
@@ -215,7 +241,7 @@ def _make_autograd(bwd_name: str):
         needs = ctx.needs_input_grad
         x_needs = any(needs[0]) or any(needs[2])
         y_needs = any(needs[1]) or any(needs[3])
-        none = (None,) * 11  # level_scales, the scalar options and write_map
+        none = (None,) * _FWD_NON_TENSOR_ARGS
         if not (x_needs or y_needs):
             return ([None] * levels, [None] * levels, [None] * n_xa, [None] * n_ya) + none
 
@@ -261,8 +287,12 @@ def _make_autograd(bwd_name: str):
 def _map_shape(x: Tensor, options: tuple) -> tuple[int, int, int, int]:
     """Shape of the SSIM map of level x under the schema's scalar options."""
     window_size, padding = options[0], options[4]
-    return (x.shape[0], x.shape[1], _output_extent(x.shape[2], window_size, padding),
-            _output_extent(x.shape[3], window_size, padding))
+    return (
+        x.shape[0],
+        x.shape[1],
+        output_extent(x.shape[2], window_size, padding),
+        output_extent(x.shape[3], window_size, padding),
+    )
 
 
 torch.library.register_fake(_OP_PAIRS["triton"][0])(_fwd_fake)
@@ -273,124 +303,31 @@ torch.library.register_autograd(_OP_PAIRS["triton"][0], _backward, setup_context
 
 
 # ------------------------------------------------------------------------------------------------
-# The min-max normalisation's statistics, with a fused gradient
-# ------------------------------------------------------------------------------------------------
-
-_GROUP_CODES = {"sample": 0, "level": 1, "plane": 2}  # Group in csrc/ssim_params.h
-
-
-def _group_minmax(feat: Tensor, mode: str) -> tuple[Tensor, Tensor]:
-    """Per-group min and max of a feature map, flattened to (groups,), in the accumulation dtype.
-
-    Groups: one per sample ("sample"), one for the level ("level"), one per plane ("plane"). On GPUs,
-    one aminmax pass where the group is a contiguous run of memory; elsewhere amin and amax (torch's
-    CPU aminmax over a dim is not vectorised: ~25x slower than the two passes).
-    """
-    acc = _accumulation_dtype(feat.dtype)
-    dims = NORMALIZE_DIMS[mode]
-    if feat.is_contiguous() and feat.device.type == "cuda":
-        groups = math.prod(s for d, s in enumerate(feat.shape) if d not in dims)
-        low, high = torch.aminmax(feat.reshape(groups, -1), dim=1)
-    else:
-        low, high = feat.amin(dim=dims).reshape(-1), feat.amax(dim=dims).reshape(-1)
-    return low.to(acc), high.to(acc)
-
-
-def _minmax_grad_fake(x, low, high, g_low, g_high, group):
-    return torch.empty_like(x)
-
-
-def _minmax_grad_eager(x, low, high, g_low, g_high, mode) -> Tensor:
-    """minmax_grad in plain PyTorch, for devices the extension was not built for."""
-    dims = NORMALIZE_DIMS[mode]
-    shape = [1 if d in dims else s for d, s in enumerate(x.shape)]  # the bounds, broadcast against x
-    grad = 0.0
-    for bound, g in ((low, g_low), (high, g_high)):
-        ties = x.to(bound.dtype) == bound.view(shape)
-        grad = grad + ties * (g.view(shape) / ties.sum(dim=dims, keepdim=True))
-    return grad.to(x.dtype)
-
-
-class GroupMinMax(torch.autograd.Function):
-    """(low, high) = per-group min and max of a feature map; backward splits dL/dlow and dL/dhigh
-    evenly among the ties, as torch.amin/amax do, in one fused op (csrc: minmax_grad) instead of the
-    ~8 elementwise passes of autograd through amin and amax."""
-
-    @staticmethod
-    def forward(ctx, feat: Tensor, mode: str):
-        low, high = _group_minmax(feat, mode)
-        save_inputs(ctx, [feat, low, high])
-        ctx.mode = mode
-        return low, high
-
-    @staticmethod
-    def backward(ctx, g_low, g_high):
-        feat, low, high = saved_inputs(ctx)
-        g_low = torch.zeros_like(low) if g_low is None else g_low.to(low.dtype).contiguous()
-        g_high = torch.zeros_like(high) if g_high is None else g_high.to(high.dtype).contiguous()
-        ext = _extension.loaded()  # the forward resolved the backend: loaded by then if it can be
-        if ext is not None and (feat.device.type == "cpu" or (feat.device.type == "cuda" and ext.gpu_kernels)):
-            grad = torch.ops.ssimkd.minmax_grad(feat, low, high, g_low, g_high, _GROUP_CODES[ctx.mode])
-        else:
-            grad = _minmax_grad_eager(feat, low, high, g_low, g_high, ctx.mode)
-        return grad, None
-
-
-def plane_affines(feats: list[Tensor], mode: str) -> list[Tensor]:
-    """Per-plane (scale, offset) of the min-max normalisation of each feature map, (N, C, 2) each,
-    differentiable: x-hat = scale * (x - offset), scale = 1 / (max - min + NORM_EPS), offset = min,
-    min and max over the group of planes `mode` names ("sample", "level" or "plane").
-
-    On the CPU one op does every map (ssimkd::minmax_affine: one pass, one autograd node, one fused
-    backward). Elsewhere: one min/max pass per map (GroupMinMax, whose backward is one fused op) and
-    the formula once over all maps together; each result is a broadcast view, which the fused ops read
-    in place.
-    """
-    if feats[0].device.type == "cpu" and _has_extension():
-        affines, _ = torch.ops.ssimkd.minmax_affine(feats, _GROUP_CODES[mode], NORM_EPS)
-        return list(affines)
-    lows, highs = zip(*(GroupMinMax.apply(f, mode) for f in feats))
-    low, high = torch.cat(lows), torch.cat(highs)
-    scale = 1.0 / (high - low + NORM_EPS)
-    packed = torch.stack([scale, low], dim=-1)
-    keep = {"sample": lambda n, c: (n, 1), "level": lambda n, c: (1, 1), "plane": lambda n, c: (n, c)}[mode]
-    sizes = [math.prod(keep(*f.shape[:2])) for f in feats]
-    return [
-        part.view(*keep(*f.shape[:2]), 2).expand(f.shape[0], f.shape[1], 2)
-        for part, f in zip(packed.split(sizes), feats)
-    ]
-
-
-def _group_count(code: int, n: int, c: int) -> int:
-    return {_GROUP_CODES["sample"]: n, _GROUP_CODES["level"]: 1, _GROUP_CODES["plane"]: n * c}[code]
-
-
-def _minmax_affine_fake(feats, group, eps):
-    acc = _accumulation_dtype(feats[0].dtype)
-    affines = [f.new_empty((f.shape[0], f.shape[1], 2), dtype=acc) for f in feats]
-    bounds = [f.new_empty((_group_count(group, f.shape[0], f.shape[1]), 2), dtype=acc) for f in feats]
-    return affines, bounds
-
-
-def _minmax_affine_bwd_fake(grad_affines, feats, affines, bounds, group):
-    return [torch.empty_like(f) for f in feats]
-
-
-# ------------------------------------------------------------------------------------------------
 # The C++ extension: loaded (or compiled) on first need, its ops' fakes registered then
 # ------------------------------------------------------------------------------------------------
 
+# The fake kernels of the extension's ops, registered when the library loads (the ops exist only then).
 _NATIVE_FAKES = {
     _OP_PAIRS["cpu"][0]: _fwd_fake,
     _OP_PAIRS["cpu"][1]: _bwd_fake,
     _OP_PAIRS[EMULATED_CUDA][0]: _fwd_fake,
     _OP_PAIRS[EMULATED_CUDA][1]: _bwd_fake,
-    "ssimkd::minmax_grad": _minmax_grad_fake,
-    "ssimkd::minmax_grad_cuda_emulated": _minmax_grad_fake,  # its CUDA kernels emulated on the host (tests)
-    "ssimkd::minmax_affine": _minmax_affine_fake,
-    "ssimkd::minmax_affine_bwd": _minmax_affine_bwd_fake,
 }
 _native_fakes_registered = False
+
+
+def native_fake(*names: str):
+    """Decorator: `fn` is the fake kernel of the extension's ops `names` (other modules' ops, e.g. the
+    min-max normalisation's, keep their fakes beside them and register them through this)."""
+
+    def register(fn):
+        for name in names:
+            _NATIVE_FAKES[name] = fn
+            if _native_fakes_registered:
+                torch.library.register_fake(name)(fn)
+        return fn
+
+    return register
 
 
 def _caller_stacklevel() -> int:
@@ -416,8 +353,11 @@ def _native_extension(build: bool = True) -> _extension.Extension | None:
         notice = _extension.take_notice()
         if notice:
             remaining = [b for b in BACKENDS if b not in ("cpu", "cuda") and _unavailable(b) is None]
-            warnings.warn(f"ssimkd_kernels: {notice}. Backends that remain: {', '.join(remaining)}",
-                          _extension.ExtensionWarning, stacklevel=_caller_stacklevel())
+            warnings.warn(
+                f"ssimkd_kernels: {notice}. Backends that remain: {', '.join(remaining)}",
+                _extension.ExtensionWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         return None
     if not _native_fakes_registered:
         _native_fakes_registered = True
@@ -493,8 +433,10 @@ def _why_unavailable(backend: str, build: bool) -> str | None:
         for index in range(torch.cuda.device_count()):
             capability = torch.cuda.get_device_capability(index)
             if not _extension.covers(arch_list, capability):
-                return (f"the extension's CUDA kernels are built for {arch_list}, and GPU {index} has compute "
-                        f"capability {capability[0]}.{capability[1]} (rebuild with TORCH_CUDA_ARCH_LIST set)")
+                return (
+                    f"the extension's CUDA kernels are built for {arch_list}, and GPU {index} has compute "
+                    f"capability {capability[0]}.{capability[1]} (rebuild with TORCH_CUDA_ARCH_LIST set)"
+                )
     return None
 
 

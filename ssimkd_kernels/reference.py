@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._constants import EPS_SIGMA, NORM_EPS, NORMALIZE_DIMS
+from ._constants import EPS_SIGMA, NORM_EPS, NORMALIZE_DIMS, PADDING_CODES
 
 __all__ = [
     "gaussian_window_1d",
     "reflect_index",
+    "output_extent",
     "blur",
     "ssim_map_reference",
     "cs_map_reference",
@@ -48,6 +49,13 @@ def reflect_index(n: int, radius: int, device=None) -> torch.Tensor:
     period = 2 * (n - 1)
     i = i.abs() % period
     return torch.where(i < n, i, period - i)
+
+
+def output_extent(n: int, window_size: int, padding: str | int) -> int:
+    """Size of the SSIM map along an axis of n pixels: n, or n - 2r for padding "valid" (only windows
+    inside the plane). `padding` is the name or its code (PADDING_CODES). The C++ twin: output_extent in
+    csrc/ssim_params.h."""
+    return n - 2 * (window_size // 2) if padding in ("valid", PADDING_CODES["valid"]) else n
 
 
 def _pad_axis(x: torch.Tensor, radius: int, dim: int, padding: str) -> torch.Tensor:
