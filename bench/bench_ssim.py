@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
-import platform
+import functools
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,12 +26,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import ssimkd_kernels as sk  # noqa: E402
-from ssimkd_kernels.reference import ssim_kd_loss_reference, ssim_map_reference  # noqa: E402
+from harness import device_description, git_commit, measure, peak_extra_memory_mb, quantile, write_json  # noqa: E402
+from peers import peer_candidates  # noqa: E402
 from workloads import FLOOR_BYTES, FLOOR_FLOPS, WORKLOADS, device_peaks  # noqa: E402
 
-from peers import peer_candidates  # noqa: E402
-
+import ssimkd_kernels as sk  # noqa: E402
+from ssimkd_kernels.reference import ssim_kd_loss_reference, ssim_map_reference  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Candidates: name -> fn(students, teachers) -> scalar loss
@@ -64,9 +60,7 @@ def project_candidates(device: torch.device, workload: str) -> dict:
             continue  # the interpreter is for tests, not timing
         found[backend] = objective(backend)
     if workload == "image":
-        compiled = torch.compile(
-            lambda x, y: 1 - ssim_map_reference(x, y, padding="zero").mean(), dynamic=False
-        )
+        compiled = torch.compile(lambda x, y: 1 - ssim_map_reference(x, y, padding="zero").mean(), dynamic=False)
         found["reference+compile"] = lambda s, t: compiled(s[0], t[0])
     else:
         compiled = torch.compile(ssim_kd_loss_reference, dynamic=False)
@@ -75,111 +69,24 @@ def project_candidates(device: torch.device, workload: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------------
-
-
-class _Flusher:
-    """Overwrites a buffer larger than the GPU's L2 between repetitions, so no run starts warm."""
-
-    def __init__(self, device):
-        self.buffer = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device.type == "cuda" else None
-
-    def __call__(self):
-        if self.buffer is not None:
-            self.buffer.zero_()
-
-
-def measure(fn, device, *, warmup: int, repeats: int, flush: bool) -> list[float]:
-    """Milliseconds of each of `repeats` calls of fn, after `warmup` calls."""
-    flusher = _Flusher(device) if flush else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            flusher()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def peak_extra_memory_mb(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
-def quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-# ------------------------------------------------------------------------------------------------
-# Environment
-# ------------------------------------------------------------------------------------------------
-
-
-def device_description(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, sm_count=props.multi_processor_count,
-                    memory_gb=round(props.total_memory / 2**30, 1))
-        try:
-            smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem", "--format=csv,noheader"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip().splitlines()[0]
-            driver, sm_clock, mem_clock = (v.strip() for v in smi.split(","))
-            info.update(driver=driver, max_sm_clock=sm_clock, max_mem_clock=mem_clock)
-        except (OSError, subprocess.CalledProcessError, IndexError, ValueError):
-            pass
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        info.update(device_name=f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
-    return info
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=HERE).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-# ------------------------------------------------------------------------------------------------
 # Run
 # ------------------------------------------------------------------------------------------------
+
+
+def _timed_calls(loss_fn, students, teachers):
+    """The two calls a row times: the forward without autograd, and forward + backward."""
+
+    def forward():
+        with torch.no_grad():
+            return loss_fn(students, teachers)
+
+    def forward_backward():
+        loss = loss_fn(students, teachers)
+        loss.backward()
+        for s in students:
+            s.grad = None
+
+    return forward, forward_backward
 
 
 def run(workload_name, device, dtype, candidates, modes, *, warmup, repeats, flush, on_row=None) -> list[dict]:
@@ -191,25 +98,21 @@ def run(workload_name, device, dtype, candidates, modes, *, warmup, repeats, flu
     rows = []
     for name, loss_fn in candidates.items():
         students, teachers = workload.make(device, dtype, unit_range=image_like)
-
-        def forward():
-            with torch.no_grad():
-                return loss_fn(students, teachers)
-
-        def forward_backward():
-            loss = loss_fn(students, teachers)
-            loss.backward()
-            for s in students:
-                s.grad = None
-
+        forward, forward_backward = _timed_calls(loss_fn, students, teachers)
         for mode in modes:
             fn = forward if mode == "fwd" else forward_backward
             try:
                 times = measure(fn, device, warmup=warmup, repeats=repeats, flush=flush)
                 memory = peak_extra_memory_mb(fn, device)
             except Exception as error:  # a peer that cannot run this case is reported, not fatal
-                rows.append({"candidate": name, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
-                             "error": f"{type(error).__name__}: {error}"[:200]})
+                rows.append(
+                    {
+                        "candidate": name,
+                        "mode": mode,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "error": f"{type(error).__name__}: {error}"[:200],
+                    }
+                )
                 if on_row is not None:
                     on_row(rows)
                 continue
@@ -237,16 +140,47 @@ def run(workload_name, device, dtype, candidates, modes, *, warmup, repeats, flu
                 on_row(rows)
     # Speed-up against the eager reference of the same mode and dtype.
     for row in rows:
-        base = next((r for r in rows if r["candidate"] == "reference" and r["mode"] == row["mode"]
-                     and r["dtype"] == row["dtype"] and "median_ms" in r), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if r["candidate"] == "reference"
+                and r["mode"] == row["mode"]
+                and r["dtype"] == row["dtype"]
+                and "median_ms" in r
+            ),
+            None,
+        )
         if base is not None and "median_ms" in row:
             row["speedup_vs_reference"] = base["median_ms"] / row["median_ms"]
     return rows
 
 
+def _result(workload: str, environment: dict, rows: list[dict]) -> dict:
+    """The JSON record of one workload's rows."""
+    return {
+        "workload": workload,
+        "workload_description": WORKLOADS[workload].description,
+        "elements": WORKLOADS[workload].elements,
+        "date": _dt.datetime.now().strftime("%Y-%m-%d"),
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "environment": environment,
+        "floors_per_element": {"bytes": FLOOR_BYTES, "flops": FLOOR_FLOPS},
+        "rows": rows,
+    }
+
+
+def _write_partial(workload, environment, earlier_rows, out_dir, dtype_rows) -> None:
+    """--incremental: the JSON rewritten after every row (earlier dtypes' rows, then this dtype's)."""
+    write_json(_result(workload, environment, earlier_rows + dtype_rows), out_dir, workload)
+
+
 def format_table(rows) -> str:
-    header = f"{'candidate':<22} {'mode':<8} {'dtype':<9} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} " \
-             f"{'GFLOP/s':>9} {'x floor':>8} {'vs ref':>7} {'extra MiB':>10}"
+    header = (
+        f"{'candidate':<22} {'mode':<8} {'dtype':<9} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} "
+        f"{'GFLOP/s':>9} {'x floor':>8} {'vs ref':>7} {'extra MiB':>10}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
@@ -261,15 +195,6 @@ def format_table(rows) -> str:
             f"{speedup:>7} {memory:>10}"
         )
     return "\n".join(lines)
-
-
-def write_json(result: dict, out_dir: Path, prefix: str) -> Path:
-    """out_dir/<prefix>-<device>-<date>.json; every bench script names its results this way."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device_tag = "".join(c if c.isalnum() else "-" for c in result["environment"]["device_name"]).strip("-")[:40]
-    path = out_dir / f"{prefix}-{device_tag}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 def save(result: dict, out_dir: Path, png: bool) -> Path:
@@ -295,8 +220,11 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--no-png", action="store_true")
-    parser.add_argument("--incremental", action="store_true",
-                        help="rewrite the JSON after every row, so a run stopped midway keeps what it measured")
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="rewrite the JSON after every row, so a run stopped midway keeps what it measured",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -307,20 +235,6 @@ def main(argv=None):
     saved = []
     for workload in args.workload.split(","):
         rows = []
-
-        def result_of(all_rows) -> dict:
-            return {
-                "workload": workload,
-                "workload_description": WORKLOADS[workload].description,
-                "elements": WORKLOADS[workload].elements,
-                "date": _dt.datetime.now().strftime("%Y-%m-%d"),
-                "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-                "git_commit": git_commit(),
-                "environment": environment,
-                "floors_per_element": {"bytes": FLOOR_BYTES, "flops": FLOOR_FLOPS},
-                "rows": all_rows,
-            }
-
         for dtype_name in args.dtype.split(","):
             candidates = project_candidates(device, workload)
             if not args.no_peers:
@@ -330,15 +244,25 @@ def main(argv=None):
                 candidates = {k: v for k, v in candidates.items() if k in wanted}
             on_row = None
             if args.incremental and not args.no_save:
-                done = list(rows)  # earlier dtypes of this workload
-                on_row = lambda dtype_rows: write_json(result_of(done + dtype_rows), Path(args.out), workload)  # noqa: E731
-            dtype_rows = run(workload, device, getattr(torch, dtype_name), candidates, modes, warmup=warmup,
-                             repeats=repeats, flush=not args.no_flush, on_row=on_row)
-            print(f"\n{WORKLOADS[workload].description} ({WORKLOADS[workload].elements:,} elements per input), "
-                  f"{dtype_name}, on {environment['device_name']}")
+                on_row = functools.partial(_write_partial, workload, environment, list(rows), Path(args.out))
+            dtype_rows = run(
+                workload,
+                device,
+                getattr(torch, dtype_name),
+                candidates,
+                modes,
+                warmup=warmup,
+                repeats=repeats,
+                flush=not args.no_flush,
+                on_row=on_row,
+            )
+            print(
+                f"\n{WORKLOADS[workload].description} ({WORKLOADS[workload].elements:,} elements per input), "
+                f"{dtype_name}, on {environment['device_name']}"
+            )
             print(format_table(dtype_rows))
             rows += dtype_rows
-        result = result_of(rows)
+        result = _result(workload, environment, rows)
         if not args.no_save:
             saved.append(save(result, Path(args.out), png=not args.no_png))
     for path in saved:

@@ -24,14 +24,18 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_ssim import device_description, git_commit, quantile, write_json  # noqa: E402
+from harness import device_description, git_commit, quantile, write_json  # noqa: E402
 
 from ssimkd_kernels.distill.config import KDConfig, ModelConfig  # noqa: E402
 from ssimkd_kernels.distill.kd import Distiller, build_feature_loss  # noqa: E402
 from ssimkd_kernels.distill.models import build_detector, freeze  # noqa: E402
 
-MODES = {"none": ("none", "auto"), "l2": ("l2", "auto"), "ssim-reference": ("ssim", "reference"),
-         "ssim-fused": ("ssim", "auto")}
+MODES = {
+    "none": ("none", "auto"),
+    "l2": ("l2", "auto"),
+    "ssim-reference": ("ssim", "reference"),
+    "ssim-fused": ("ssim", "auto"),
+}
 
 
 def random_batch(batch: int, height: int, width: int, num_classes: int, device, generator):
@@ -107,31 +111,54 @@ def main(argv=None):
     for name in args.modes.split(","):
         mode, backend = MODES[name]
         student = detector(args.student_depth, 0).train()
-        feature_loss = build_feature_loss(KDConfig(mode=mode, backend=backend), student_channels=fpn,
-                                          teacher_channels=fpn, num_levels=5)
+        feature_loss = build_feature_loss(
+            KDConfig(mode=mode, backend=backend), student_channels=fpn, teacher_channels=fpn, num_levels=5
+        )
         if feature_loss is not None:
             feature_loss = feature_loss.to(device)
         distiller = Distiller(student, feature_loss, teacher if mode != "none" else None)
         times = time_steps(distiller, batch, steps=steps, warmup=args.warmup, amp_dtype=amp_dtype)
-        rows.append({"mode": name, "median_s": quantile(times, 0.5), "q20_s": quantile(times, 0.2),
-                     "q80_s": quantile(times, 0.8), "steps": len(times)})
+        rows.append(
+            {
+                "mode": name,
+                "median_s": quantile(times, 0.5),
+                "q20_s": quantile(times, 0.2),
+                "q80_s": quantile(times, 0.8),
+                "steps": len(times),
+            }
+        )
         del distiller, student, feature_loss
     l2 = next((r["median_s"] for r in rows if r["mode"] == "l2"), None)
-    print(f"\n{args.family} R{args.student_depth} student / R{args.teacher_depth} teacher, batch {args.batch} "
-          f"at {height}x{width}, FPN {fpn}, amp {args.amp}, on {environment['device_name']}")
+    print(
+        f"\n{args.family} R{args.student_depth} student / R{args.teacher_depth} teacher, batch {args.batch} "
+        f"at {height}x{width}, FPN {fpn}, amp {args.amp}, on {environment['device_name']}"
+    )
     print(f"{'mode':<16} {'step ms':>9} {'20-80 %':>17} {'vs L2':>7}")
     for row in rows:
         row["vs_l2"] = row["median_s"] / l2 if l2 else None
         ratio = "" if row["vs_l2"] is None else f"{row['vs_l2']:.3f}x"
-        print(f"{row['mode']:<16} {1e3 * row['median_s']:>9.1f} "
-              f"{1e3 * row['q20_s']:>8.1f}-{1e3 * row['q80_s']:<8.1f} {ratio:>7}")
-    result = {"benchmark": "train-step", "date": _dt.datetime.now().strftime("%Y-%m-%d"),
-              "timestamp": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "environment": environment,
-              "setting": {"family": args.family, "student_depth": args.student_depth,
-                          "teacher_depth": args.teacher_depth, "batch": args.batch, "size": [height, width],
-                          "fpn_channels": fpn, "amp": args.amp, "warmup": args.warmup},
-              "rows": rows}
+        print(
+            f"{row['mode']:<16} {1e3 * row['median_s']:>9.1f} "
+            f"{1e3 * row['q20_s']:>8.1f}-{1e3 * row['q80_s']:<8.1f} {ratio:>7}"
+        )
+    result = {
+        "benchmark": "train-step",
+        "date": _dt.datetime.now().strftime("%Y-%m-%d"),
+        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "environment": environment,
+        "setting": {
+            "family": args.family,
+            "student_depth": args.student_depth,
+            "teacher_depth": args.teacher_depth,
+            "batch": args.batch,
+            "size": [height, width],
+            "fpn_channels": fpn,
+            "amp": args.amp,
+            "warmup": args.warmup,
+        },
+        "rows": rows,
+    }
     if not args.no_save:
         print(f"wrote {write_json(result, Path(args.out), 'train-step')}")
     return result
