@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # pytest workers; CI machines have 2 cores.
 JOBS ?= 2
 
-.PHONY: setup setup-mmdet build dist test test-fast demo bench info cmake-test clean
+.PHONY: setup setup-mmdet build dist lint format test demo bench info cmake-test clean
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,21 @@ $(VENV)/.mmdet-installed: $(VENV)/.installed requirements/mmdet.txt tools/setup_
 	VENV=$(VENV) bash tools/setup_mmdet.sh
 	touch $@
 
+# Lint: ruff's checks and format (pyproject.toml) over the Python, clang-format (.clang-format) over csrc/. CI runs it
+# first, as part of `make test`. `make format` applies both formatters' fixes.
+CXX_SOURCES = $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/tests/*.cpp)
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
+
 # The whole suite. Exit code 5 (nothing collected) is a failure here: an empty run proves nothing.
-test: setup setup-mmdet
+test: setup setup-mmdet lint
 	@$(PY) -m pytest python_tests -q -n $(JOBS) --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
