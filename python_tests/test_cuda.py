@@ -12,22 +12,25 @@ import sys
 
 import pytest
 import torch
-
-import ssimkd_kernels as sk
 from conftest import sample_levels
 from utils import assert_close_verbose
+
+import ssimkd_kernels as sk
 
 needs_gpu = pytest.mark.skipif(
     "cuda" not in sk.available_backends(), reason="needs a CUDA GPU and an extension built with CUDA kernels"
 )
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("SSIMKD_NO_CUDA") == "1",
-                    reason="no CUDA toolkit on this machine: the extension is CPU-only by design")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or os.environ.get("SSIMKD_NO_CUDA") == "1",
+    reason="no CUDA toolkit on this machine: the extension is CPU-only by design",
+)
 def test_cuda_kernels_are_compiled_in_where_nvcc_exists():
-    out = subprocess.run([sys.executable, "-m", "ssimkd_kernels", "info", "--json"], capture_output=True, text=True,
-                         check=True)
-    assert json.loads(out.stdout)["cuda_compiled"] is True
+    out = subprocess.run(
+        [sys.executable, "-m", "ssimkd_kernels", "info", "--json"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout)["extension"]["gpu_kernels"] is True
 
 
 @needs_gpu
