@@ -70,8 +70,11 @@ def _extension_options(recipe) -> dict:
         def run(self):
             super().run()
             record = recipe.build_record(
-                torch, gpu_kernels=with_cuda, cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"],
-                compiler=recipe.compiler_id(recipe.cxx_compiler()), source_digest=recipe.source_hash(folder),
+                torch,
+                gpu_kernels=with_cuda,
+                cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"],
+                compiler=recipe.compiler_id(recipe.cxx_compiler()),
+                source_digest=recipe.source_hash(folder),
                 built_by="setup.py",
             )
             for ext in self.extensions:

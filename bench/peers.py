@@ -55,7 +55,7 @@ def _fused_ssim():
 
 def _fussim():
     module = importlib.import_module("fussim")
-    fn = getattr(module, "fussim", None) or getattr(module, "fused_ssim")
+    fn = getattr(module, "fussim", None) or module.fused_ssim
     return lambda x, y: fn(x.float().contiguous(), y.float().contiguous())
 
 

@@ -16,8 +16,9 @@ def plot_result(json_path, png_path) -> None:
     result = json.loads(Path(json_path).read_text())
     rows = [r for r in result["rows"] if "median_ms" in r]
     panels = sorted({(r["mode"], r["dtype"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * max(4, len(rows) / max(1, len(panels))) + 1.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 0.45 * max(4, len(rows) / max(1, len(panels))) + 1.8), squeeze=False
+    )
     for ax, (mode, dtype) in zip(axes[0], panels):
         panel = sorted((r for r in rows if r["mode"] == mode and r["dtype"] == dtype), key=lambda r: r["median_ms"])
         names = [r["candidate"] for r in panel]
@@ -35,8 +36,11 @@ def plot_result(json_path, png_path) -> None:
         ax.set_title(f"{mode}, {dtype}")
         ax.invert_yaxis()
     env = result["environment"]
-    fig.suptitle(f"{result['workload_description']} on {env['device_name']} (torch {env['torch']}, "
-                 f"commit {result.get('git_commit')})", fontsize=9)
+    fig.suptitle(
+        f"{result['workload_description']} on {env['device_name']} (torch {env['torch']}, "
+        f"commit {result.get('git_commit')})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -37,11 +37,17 @@ class Workload:
 
 WORKLOADS = {
     # COCO 800x1333 input, FPN P3-P7 of RetinaNet, batch 2, 256 channels.
-    "retinanet": Workload("retinanet", 2, 256, ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11)),
-                          "RetinaNet P3-P7 at 800x1333, batch 2, C=256"),
+    "retinanet": Workload(
+        "retinanet",
+        2,
+        256,
+        ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11)),
+        "RetinaNet P3-P7 at 800x1333, batch 2, C=256",
+    ),
     # Small enough for CPU runs.
-    "small": Workload("small", 1, 64, ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4)),
-                      "5 levels 64x64..4x4, batch 1, C=64"),
+    "small": Workload(
+        "small", 1, 64, ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4)), "5 levels 64x64..4x4, batch 1, C=64"
+    ),
     # One level, image-like: where the image-SSIM peers (fused-ssim, pytorch-msssim, ...) compete.
     "image": Workload("image", 8, 3, ((512, 512),), "one level 8x3x512x512"),
 }

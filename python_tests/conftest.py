@@ -10,7 +10,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import ssimkd_kernels as sk  # noqa: E402
 
 from ssimkd_kernels.ops import EMULATED_CUDA, _unavailable  # noqa: E402
 

@@ -11,17 +11,30 @@ import pytest
 from ssimkd_kernels.cli import build_parser, main
 
 TINY = [
-    "data.synthetic.image_size=64", "data.synthetic.num_train=8", "data.synthetic.num_val=4",
-    "data.synthetic.max_objects=3", "data.min_size=64", "data.max_size=86", "model.fpn_channels=16",
-    "model.anchor_sizes=[8, 16, 32, 64, 128]", "train.batch_size=2", "train.steps=2", "train.progress=false",
+    "data.synthetic.image_size=64",
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_val=4",
+    "data.synthetic.max_objects=3",
+    "data.min_size=64",
+    "data.max_size=86",
+    "model.fpn_channels=16",
+    "model.anchor_sizes=[8, 16, 32, 64, 128]",
+    "train.batch_size=2",
+    "train.steps=2",
+    "train.progress=false",
     "train.checkpoint_every=0",
 ]
 
 
 def test_parser_knows_every_command():
     parser = build_parser()
-    for argv in (["info"], ["demo", "--preset", "smoke"], ["train", "--set", "train.lr=0.1", "kd.mode=ssim"],
-                 ["eval", "--checkpoint", "m.pt"], ["make-data", "--out", "d"]):
+    for argv in (
+        ["info"],
+        ["demo", "--preset", "smoke"],
+        ["train", "--set", "train.lr=0.1", "kd.mode=ssim"],
+        ["eval", "--checkpoint", "m.pt"],
+        ["make-data", "--out", "d"],
+    ):
         assert parser.parse_args(argv).command == argv[0]
     args = parser.parse_args(["train", "--set", "a.b=1", "--set", "c.d=2", "--resume"])
     assert args.overrides == ["a.b=1", "c.d=2"] and args.resume is True
@@ -62,8 +75,14 @@ def test_demo_smoke_preset_end_to_end(tmp_path):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # another worker has the other core: one thread each
         env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "ssimkd_kernels", "demo", "--preset", "smoke", "--out", str(out),
-                             "--no-progress"], capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "ssimkd_kernels", "demo", "--preset", "smoke", "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert list(results["modes"]) == ["none", "l2", "ssim"]

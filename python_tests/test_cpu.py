@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import sample_levels
 
 import ssimkd_kernels as sk
-from conftest import sample_levels
 
 pytestmark = pytest.mark.skipif("cpu" not in sk.available_backends(), reason="the C++ extension is not built")
 
@@ -14,12 +14,20 @@ pytestmark = pytest.mark.skipif("cpu" not in sk.available_backends(), reason="th
 @pytest.mark.parametrize("normalize", ["sample", "none"])
 def test_gradcheck_float64(padding, exponents, normalize):
     window = 3 if padding == "valid" else 11
-    students, teachers = sample_levels([(3, 4), (5, 7), (7, 11)], batch=1, channels=2, dtype=torch.float64,
-                                       signed=normalize != "none")
+    students, teachers = sample_levels(
+        [(3, 4), (5, 7), (7, 11)], batch=1, channels=2, dtype=torch.float64, signed=normalize != "none"
+    )
 
     def loss(*feats):
-        return sk.ssim_kd_loss(list(feats[:3]), list(feats[3:]), padding=padding, exponents=exponents,
-                               normalize=normalize, window_size=window, backend="cpu")
+        return sk.ssim_kd_loss(
+            list(feats[:3]),
+            list(feats[3:]),
+            padding=padding,
+            exponents=exponents,
+            normalize=normalize,
+            window_size=window,
+            backend="cpu",
+        )
 
     assert torch.autograd.gradcheck(loss, tuple(students + teachers))
 

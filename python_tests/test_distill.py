@@ -28,12 +28,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A dataset and detectors small enough for a training step in well under a second.
 TINY = [
-    "data.synthetic.image_size=64", "data.synthetic.num_train=8", "data.synthetic.num_val=4",
-    "data.synthetic.max_objects=3", "data.min_size=64", "data.max_size=86",
-    "model.fpn_channels=16", "model.anchor_sizes=[8, 16, 32, 64, 128]",
-    "model.rpn_pre_nms_top_n_train=200", "model.rpn_post_nms_top_n_train=100", "model.box_batch_size_per_image=64",
-    "model.box_head_dim=64", "train.batch_size=2", "train.steps=1", "train.log_every=1", "train.warmup_steps=2",
-    "train.checkpoint_every=0", "train.progress=false", "eval.after_train=false",
+    "data.synthetic.image_size=64",
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_val=4",
+    "data.synthetic.max_objects=3",
+    "data.min_size=64",
+    "data.max_size=86",
+    "model.fpn_channels=16",
+    "model.anchor_sizes=[8, 16, 32, 64, 128]",
+    "model.rpn_pre_nms_top_n_train=200",
+    "model.rpn_post_nms_top_n_train=100",
+    "model.box_batch_size_per_image=64",
+    "model.box_head_dim=64",
+    "train.batch_size=2",
+    "train.steps=1",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=0",
+    "train.progress=false",
+    "eval.after_train=false",
 ]
 
 
@@ -102,7 +115,7 @@ def test_synthetic_dataset_is_reproducible_and_well_formed(tmp_path):
     for ann in coco["annotations"]:
         x, y, w, h = ann["bbox"]
         width, height = sizes[ann["image_id"]]
-        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height and w >= 1 and h >= 1
+        assert x >= 0 and y >= 0 and x + w <= width and y + h <= height and w >= 1 and h >= 1
         assert 0 < ann["area"] <= w * h
 
 
@@ -163,10 +176,15 @@ def test_broken_image_gives_error_naming_the_file(tiny_files, tmp_path):
         ("{not json", "is not valid JSON"),
         ('{"images": [], "categories": []}', "missing or malformed 'annotations'"),
         ('{"images": [{"id": 1}], "annotations": [], "categories": []}', r"images\[0\] lacks \['file_name'\]"),
-        ('{"images": [], "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 2]}], "categories": []}',
-         r"annotations\[0\] bbox \[1, 2\] is not"),
-        ('{"images": [], "annotations": [{"id": 7, "image_id": 3, "category_id": 1, "bbox": [0, 0, 1, 1]}],'
-         ' "categories": [{"id": 1, "name": "circle"}]}', "image_id 3, which is not in 'images'"),
+        (
+            '{"images": [], "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 2]}], "categories": []}',
+            r"annotations\[0\] bbox \[1, 2\] is not",
+        ),
+        (
+            '{"images": [], "annotations": [{"id": 7, "image_id": 3, "category_id": 1, "bbox": [0, 0, 1, 1]}],'
+            ' "categories": [{"id": 1, "name": "circle"}]}',
+            "image_id 3, which is not in 'images'",
+        ),
     ],
 )
 def test_broken_annotation_file_gives_error_naming_the_file(tmp_path, content, message):
@@ -177,9 +195,16 @@ def test_broken_annotation_file_gives_error_naming_the_file(tmp_path, content, m
 
 
 def test_missing_coco_files_are_named(tmp_path):
-    config = cfg.load_config(None, ["data.source=coco", f"data.train_images={tmp_path}",
-                                    f"data.train_annotations={tmp_path / 'nope.json'}",
-                                    f"data.val_images={tmp_path}", f"data.val_annotations={tmp_path}"])
+    config = cfg.load_config(
+        None,
+        [
+            "data.source=coco",
+            f"data.train_images={tmp_path}",
+            f"data.train_annotations={tmp_path / 'nope.json'}",
+            f"data.val_images={tmp_path}",
+            f"data.val_annotations={tmp_path}",
+        ],
+    )
     with pytest.raises(FileNotFoundError, match=r"data.train_annotations: .*nope\.json does not exist"):
         ensure_dataset(config.data)
 
@@ -206,8 +231,18 @@ def test_sampler_resumes_mid_epoch_and_splits_ranks(tiny_files):
 
 
 def test_overrides_are_typed_and_unknown_fields_rejected():
-    config = cfg.load_config(None, ["train.lr=2e-2", "kd.mode=ssim", "kd.teacher=t.pt", "kd.clamp=false",
-                                    "model.anchor_sizes=[4, 8, 16, 32, 64]", "train.out=2024", "kd.weight=3"])
+    config = cfg.load_config(
+        None,
+        [
+            "train.lr=2e-2",
+            "kd.mode=ssim",
+            "kd.teacher=t.pt",
+            "kd.clamp=false",
+            "model.anchor_sizes=[4, 8, 16, 32, 64]",
+            "train.out=2024",
+            "kd.weight=3",
+        ],
+    )
     assert config.train.lr == 0.02 and config.kd.mode == "ssim" and config.kd.clamp is False
     assert config.model.anchor_sizes == [4, 8, 16, 32, 64] and config.train.out == "2024"
     assert config.kd.weight == 3.0 and isinstance(config.kd.weight, float)
@@ -244,8 +279,9 @@ def test_lr_schedule_warms_up_then_steps_down():
 
 @pytest.mark.parametrize("family", cfg.FAMILIES)
 def test_distiller_feature_loss_is_ssim_kd_of_the_two_backbones(family, data_root, tiny_files, teachers):
-    config = tiny_config(data_root, data_root / "x", f"model.family={family}", "kd.mode=ssim",
-                         f"kd.teacher={teachers[family]}")
+    config = tiny_config(
+        data_root, data_root / "x", f"model.family={family}", "kd.mode=ssim", f"kd.teacher={teachers[family]}"
+    )
     dataset = build_dataset(tiny_files, "train", config.data)
     student = build_detector(config.model, dataset.num_classes(), min_size=64, max_size=86)
     teacher, _ = load_detector(teachers[family])
@@ -287,8 +323,14 @@ def test_one_training_step_per_kd_mode(family, mode, data_root, teachers, tmp_pa
 @pytest.mark.parametrize("mode", ["l2", "ssim"])
 def test_adapters_bridge_different_fpn_widths(mode, data_root, teachers, tmp_path):
     """A teacher of FPN width 16 and a student of width 8: one trained 1x1 adapter per level."""
-    config = tiny_config(data_root, tmp_path, "model.fpn_channels=8", f"kd.mode={mode}",
-                         f"kd.teacher={teachers['retinanet']}", "train.checkpoint_every=1")
+    config = tiny_config(
+        data_root,
+        tmp_path,
+        "model.fpn_channels=8",
+        f"kd.mode={mode}",
+        f"kd.teacher={teachers['retinanet']}",
+        "train.checkpoint_every=1",
+    )
     train(config)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["feature_loss"]
     assert sorted(state) == [f"adapters.{i}.{p}" for i in range(5) for p in ("bias", "weight")]
@@ -307,8 +349,14 @@ def _losses(records):
 @pytest.mark.parametrize("family, mode", [("faster_rcnn", "ssim"), ("retinanet", "l2")])
 def test_resume_continues_exactly(family, mode, data_root, teachers, tmp_path):
     """6 steps straight vs 3 steps, stop, resume for 3 (mid-epoch, across an epoch end): same weights and logs."""
-    common = [f"model.family={family}", f"kd.mode={mode}", f"kd.teacher={teachers[family]}", "train.steps=6",
-              "train.checkpoint_every=3", "data.flip=0.5"]
+    common = [
+        f"model.family={family}",
+        f"kd.mode={mode}",
+        f"kd.teacher={teachers[family]}",
+        "train.steps=6",
+        "train.checkpoint_every=3",
+        "data.flip=0.5",
+    ]
     train(tiny_config(data_root, tmp_path / "straight", *common))
     interrupted = tiny_config(data_root, tmp_path / "resumed", *common, "train.stop_at=3")
     train(interrupted)
@@ -351,15 +399,26 @@ train(load_config(None, sys.argv[2:]))
 def test_killed_while_writing_a_checkpoint_resumes_from_the_last_good_one(data_root, teachers, tmp_path):
     """SIGKILL in the middle of the second checkpoint's write (step 4 of 6): checkpoint.pt still holds
     step 2, and resuming from it ends with the same weights and logs as a run never interrupted."""
-    common = TINY + [f"data.root={data_root}", "kd.mode=ssim", f"kd.teacher={teachers['faster_rcnn']}",
-                     "model.family=faster_rcnn", "train.steps=6", "train.checkpoint_every=2"]
+    common = TINY + [
+        f"data.root={data_root}",
+        "kd.mode=ssim",
+        f"kd.teacher={teachers['faster_rcnn']}",
+        "model.family=faster_rcnn",
+        "train.steps=6",
+        "train.checkpoint_every=2",
+    ]
     train(cfg.load_config(None, common + [f"train.out={tmp_path / 'straight'}"]))
     out = tmp_path / "killed"
     script = tmp_path / "die_while_saving.py"
     script.write_text(_DIE_WHILE_SAVING)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), "2", *common, f"train.out={out}"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, str(script), "2", *common, f"train.out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == -9, result.stderr[-3000:]
     assert list(out.glob(".checkpoint.pt.*.tmp")), "the fault was not injected during the write"
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
@@ -378,8 +437,11 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_good_one(data_r
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_state(data_root, tmp_path, monkeypatch):
     """A non-finite loss at step 3 stops training with a message, and checkpoint.pt is the state after step 2,
     the same as an uninterrupted run's checkpoint there (the failing forward's BatchNorm updates undone)."""
-    train(tiny_config(data_root, tmp_path / "good", "model.family=faster_rcnn", "train.steps=2",
-                      "train.checkpoint_every=2"))
+    train(
+        tiny_config(
+            data_root, tmp_path / "good", "model.family=faster_rcnn", "train.steps=2", "train.checkpoint_every=2"
+        )
+    )
     forward, calls = Distiller.forward, []
 
     def poisoned(self, *args, **kwargs):
@@ -391,8 +453,11 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_state(data_root, 
 
     monkeypatch.setattr(Distiller, "forward", poisoned)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 3 .*last good state \(step 2\)"):
-        train(tiny_config(data_root, tmp_path / "nan", "model.family=faster_rcnn", "train.steps=5",
-                          "train.checkpoint_every=2"))
+        train(
+            tiny_config(
+                data_root, tmp_path / "nan", "model.family=faster_rcnn", "train.steps=5", "train.checkpoint_every=2"
+            )
+        )
     saved = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     good = torch.load(tmp_path / "good" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 2
@@ -403,10 +468,27 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_state(data_root, 
 
 def test_ddp_two_processes_on_cpu_with_torchrun(data_root, teachers, tmp_path):
     out = tmp_path / "ddp"
-    overrides = TINY + [f"data.root={data_root}", f"train.out={out}", "train.steps=2", "kd.mode=ssim",
-                        f"kd.teacher={teachers['retinanet']}", "train.checkpoint_every=2"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ssimkd_kernels", "train", "--set", *overrides]
+    overrides = TINY + [
+        f"data.root={data_root}",
+        f"train.out={out}",
+        "train.steps=2",
+        "kd.mode=ssim",
+        f"kd.teacher={teachers['retinanet']}",
+        "train.checkpoint_every=2",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ssimkd_kernels",
+        "train",
+        "--set",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -446,8 +528,9 @@ def test_map_is_100_for_ground_truth_predictions_and_lower_for_shifted(tiny_file
     results = {}
     for shift in (0.0, 6.0):
         oracle = _Oracle([dataset[i][1] for i in range(len(dataset))], shift)
-        detections, ids = predict(oracle, eval_loader(dataset, batch_size=3, num_workers=0), dataset.categories,
-                                  device=torch.device("cpu"))
+        detections, ids = predict(
+            oracle, eval_loader(dataset, batch_size=3, num_workers=0), dataset.categories, device=torch.device("cpu")
+        )
         results[shift] = coco_map(dataset.annotation_file, detections, ids)
     assert results[0.0]["AP"] == pytest.approx(100.0) and results[0.0]["AP50"] == pytest.approx(100.0)
     assert results[6.0]["AP"] < 90.0

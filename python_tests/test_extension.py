@@ -60,17 +60,25 @@ print(json.dumps(state))
 
 def _package_copy(root: Path) -> Path:
     """ssimkd_kernels without its built library, importable from `root`."""
-    shutil.copytree(PACKAGE, root / "ssimkd_kernels",
-                    ignore=shutil.ignore_patterns("_C*.so", "_C*.so.json", "__pycache__", "csrc"))
+    shutil.copytree(
+        PACKAGE, root / "ssimkd_kernels", ignore=shutil.ignore_patterns("_C*.so", "_C*.so.json", "__pycache__", "csrc")
+    )
     return root
 
 
 def _run_loader(tmp_path: Path, sources: Path, action: str = "load", **env_overrides) -> tuple[dict, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("SSIMKD_NO_JIT", "CXX", "PYTHONPATH")}
-    env.update(PYTHONPATH=str(tmp_path / "pkg"), SSIMKD_CACHE=str(tmp_path / "cache"), SSIMKD_NO_CUDA="1",
-               **env_overrides)
-    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(sources), action], capture_output=True,
-                            text=True, env=env, cwd=tmp_path, timeout=600)
+    env.update(
+        PYTHONPATH=str(tmp_path / "pkg"), SSIMKD_CACHE=str(tmp_path / "cache"), SSIMKD_NO_CUDA="1", **env_overrides
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(sources), action],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
@@ -147,8 +155,9 @@ def test_failed_build_warns_once_with_what_remains_and_is_not_retried(tmp_path, 
 def test_library_built_for_another_torch_is_skipped_unloaded(tmp_path, stand_in):
     installed = tmp_path / "pkg" / "ssimkd_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     installed.write_bytes(b"not a library: loading it would fail")
-    record = _build.build_record(torch, gpu_kernels=False, cuda_arch_list=None, compiler="gcc 12", source_digest="0",
-                                 built_by="setup.py")
+    record = _build.build_record(
+        torch, gpu_kernels=False, cuda_arch_list=None, compiler="gcc 12", source_digest="0", built_by="setup.py"
+    )
     _build.write_record(installed, {**record, "torch": "1.0.0", "cxx11_abi": not record["cxx11_abi"]})
     state, _ = _run_loader(tmp_path, stand_in, action="ops", SSIMKD_NO_JIT="1")
     assert not state["loaded"]
@@ -163,11 +172,24 @@ def test_library_built_for_another_torch_is_skipped_unloaded(tmp_path, stand_in)
 def test_undefined_symbol_is_caught_and_explained(tmp_path, stand_in):
     """A library without a build record (built before records, or by hand) against another torch."""
     source = tmp_path / "stale.cpp"
-    source.write_text('#include <Python.h>\nvoid symbol_of_another_torch();\n'
-                      'extern "C" PyObject* PyInit__C(void) { symbol_of_another_torch(); return nullptr; }\n')
+    source.write_text(
+        "#include <Python.h>\nvoid symbol_of_another_torch();\n"
+        'extern "C" PyObject* PyInit__C(void) { symbol_of_another_torch(); return nullptr; }\n'
+    )
     installed = tmp_path / "pkg" / "ssimkd_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-    subprocess.run([_build.cxx_compiler(), "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
-                    str(source), "-o", str(installed)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            _build.cxx_compiler(),
+            "-shared",
+            "-fPIC",
+            f"-I{sysconfig.get_paths()['include']}",
+            str(source),
+            "-o",
+            str(installed),
+        ],
+        check=True,
+        capture_output=True,
+    )
     state, _ = _run_loader(tmp_path, stand_in, SSIMKD_NO_JIT="1")
     assert not state["loaded"]
     assert "undefined symbol" in state["reason"] and "it was built against another torch" in state["reason"], state

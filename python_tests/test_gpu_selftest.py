@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import backend_available
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -36,28 +35,42 @@ def _targets(tmp_path) -> dict:
 
 def test_summary_judges_each_target_from_the_measurements(tmp_path):
     results, details = tmp_path / "results", tmp_path / "work" / "details"
-    _write(results / "bench-retinanet.json", {"rows": [
-        _bench_row("reference", "fwd+bwd", "float32", 10.0),
-        _bench_row("reference+compile", "fwd+bwd", "float32", 2.0),
-        _bench_row("cuda", "fwd+bwd", "float32", 0.25, time_over_floor=2.0, floor_ms=0.125),
-        _bench_row("cuda", "fwd+bwd", "bfloat16", 0.2),
-        _bench_row("triton", "fwd+bwd", "float32", 0.5, time_over_floor=1.4, floor_ms=0.125),
-        {"candidate": "triton", "mode": "fwd+bwd", "dtype": "bfloat16", "error": "RuntimeError: x"},
-    ]})
-    _write(results / "bench-image-float32.json", {"rows": [_bench_row("cuda", "fwd+bwd", "float32", 0.5),
-                                                          _bench_row("fused-ssim", "fwd+bwd", "float32", 1.0)]})
-    _write(results / "bench-train-step.json", {"rows": [{"mode": "l2", "vs_l2": 1.0},
-                                                       {"mode": "ssim-fused", "vs_l2": 1.02}]})
+    _write(
+        results / "bench-retinanet.json",
+        {
+            "rows": [
+                _bench_row("reference", "fwd+bwd", "float32", 10.0),
+                _bench_row("reference+compile", "fwd+bwd", "float32", 2.0),
+                _bench_row("cuda", "fwd+bwd", "float32", 0.25, time_over_floor=2.0, floor_ms=0.125),
+                _bench_row("cuda", "fwd+bwd", "bfloat16", 0.2),
+                _bench_row("triton", "fwd+bwd", "float32", 0.5, time_over_floor=1.4, floor_ms=0.125),
+                {"candidate": "triton", "mode": "fwd+bwd", "dtype": "bfloat16", "error": "RuntimeError: x"},
+            ]
+        },
+    )
+    _write(
+        results / "bench-image-float32.json",
+        {"rows": [_bench_row("cuda", "fwd+bwd", "float32", 0.5), _bench_row("fused-ssim", "fwd+bwd", "float32", 1.0)]},
+    )
+    _write(
+        results / "bench-train-step.json",
+        {"rows": [{"mode": "l2", "vs_l2": 1.0}, {"mode": "ssim-fused", "vs_l2": 1.02}]},
+    )
     for tool in ("memcheck", "racecheck", "initcheck", "synccheck"):
         for backend in ("cuda", "triton"):
             _write(details / "sanitizer" / f"{tool}-{backend}.log", "========= ERROR SUMMARY: 0 errors\n")
             _write(details / "sanitizer" / f"{tool}-{backend}-driver.json", {"complete": True, "failures": 0})
-    _write(details / "sanitizer" / "racecheck-triton.log",
-           "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n")
+    _write(
+        details / "sanitizer" / "racecheck-triton.log",
+        "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n",
+    )
     _write(details / "large-cuda.json", {"runs": [{"backend": "cuda", "ok": True, "loss_relative_error": 1e-7}]})
     _write(details / "large-triton.json", {"runs": [{"backend": "triton", "skipped": "needs 20 GiB"}]})
-    _write(details / "pytest-junit-cuda.xml", '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
-                                         '<testcase classname="a" name="t1"><failure/></testcase></testsuite></testsuites>')
+    _write(
+        details / "pytest-junit-cuda.xml",
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="a" name="t1"><failure/></testcase></testsuite></testsuites>',
+    )
     targets = _targets(tmp_path)
 
     def verdict(name):
@@ -89,7 +102,9 @@ def test_summary_of_a_cut_run_passes_nothing_it_did_not_measure(tmp_path):
     _write(details / "sanitizer" / "memcheck-cuda.log", "========= ERROR SUMMARY: 0 errors\n")
     _write(details / "sanitizer" / "memcheck-cuda-driver.json", {"complete": True, "failures": 0})
     _write(details / "sanitizer" / "racecheck-cuda.log", "========= partial\n")
-    _write(tmp_path / "results" / "bench-retinanet.json", {"rows": [_bench_row("reference", "fwd+bwd", "float32", 9.0)]})
+    _write(
+        tmp_path / "results" / "bench-retinanet.json", {"rows": [_bench_row("reference", "fwd+bwd", "float32", 9.0)]}
+    )
     targets = _targets(tmp_path)
     assert all(t["pass"] is None for t in targets.values()), [t for t in targets.values() if t["pass"] is not None]
     assert "racecheck" in targets["compute-sanitizer memcheck, racecheck, initcheck, synccheck: 0 errors"]["reason"]

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import case_size, device_of
+from utils import assert_close_verbose
 
 import ssimkd_kernels as sk
-from conftest import case_size, device_of
-from utils import assert_close_verbose, grads
 
 BACKENDS_AND_REFERENCE = ("reference", "cpu", "triton", "cuda", "cuda_emulated")
 
@@ -57,7 +57,11 @@ def ssim_and_cs_maps(x, y, *, padding, size=11, sigma=1.5, data_range=1.0, k1=0.
 def images(shape, *, device="cpu", dtype=torch.float32, correlated=True):
     """Two related images in [0, 1], requiring grad."""
     x = torch.rand(shape, dtype=torch.float64)
-    y = (0.7 * x + 0.3 * torch.rand(shape, dtype=torch.float64)) if correlated else torch.rand(shape, dtype=torch.float64)
+    y = (
+        (0.7 * x + 0.3 * torch.rand(shape, dtype=torch.float64))
+        if correlated
+        else torch.rand(shape, dtype=torch.float64)
+    )
     return [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (x, y)]
 
 
@@ -90,7 +94,9 @@ def test_fused_ssim_matches_the_formula_with_both_gradients(any_backend, padding
     check_against(
         lambda a, b: sk.fused_ssim(a, b, padding=padding, backend=any_backend),
         lambda a, b: ssim_and_cs_maps(a, b, padding=padding)[0].mean(),
-        (x, y), rtol=2e-6, name=f"fused_ssim {padding}",
+        (x, y),
+        rtol=2e-6,
+        name=f"fused_ssim {padding}",
     )
 
 
@@ -124,7 +130,10 @@ def test_ssim_reductions_and_mask(any_backend, reduction, masked):
 
     check_against(
         lambda a, b: sk.ssim(a, b, padding="zero", reduction=reduction, mask=mask, backend=any_backend),
-        expected, (x, y), rtol=2e-6, name=f"ssim {reduction} mask={masked}",
+        expected,
+        (x, y),
+        rtol=2e-6,
+        name=f"ssim {reduction} mask={masked}",
     )
 
 
@@ -162,7 +171,9 @@ def test_l1_ssim_loss_matches_the_3dgs_formula(any_backend, padding):
     check_against(
         lambda a, b: sk.l1_ssim_loss(a, b, ssim_weight=w, padding=padding, backend=any_backend),
         lambda a, b: (1 - w) * (a - b).abs().mean() + w * (1 - ssim_and_cs_maps(a, b, padding=padding)[0].mean()),
-        (x, y), rtol=2e-6, name=f"l1_ssim_loss {padding}",
+        (x, y),
+        rtol=2e-6,
+        name=f"l1_ssim_loss {padding}",
     )
     with pytest.raises(ValueError, match="ssim_weight"):
         sk.l1_ssim_loss(x, y, ssim_weight=1.5)
@@ -200,11 +211,13 @@ def test_ms_ssim_matches_pytorch_msssim_with_gradients():
     g_ours = torch.autograd.grad(ours.sum(), (x, y))
     g_theirs = torch.autograd.grad(theirs.sum(), (x, y))
     assert_close_verbose(list(g_ours), list(g_theirs), rtol=3e-5, name="gradients")
-    check_against(lambda a, b: sk.ms_ssim(a, b, reduction="none"), ms_ssim_formula, (x, y), rtol=1e-10,
-                  name="ms_ssim float64")
+    check_against(
+        lambda a, b: sk.ms_ssim(a, b, reduction="none"), ms_ssim_formula, (x, y), rtol=1e-10, name="ms_ssim float64"
+    )
     x32, y32 = (t.detach().float() * 255 for t in (x, y))
-    assert_close_verbose(sk.ms_ssim(x32, y32, data_range=255.0), pytorch_msssim.ms_ssim(x32, y32, data_range=255.0),
-                         rtol=1e-5)
+    assert_close_verbose(
+        sk.ms_ssim(x32, y32, data_range=255.0), pytorch_msssim.ms_ssim(x32, y32, data_range=255.0), rtol=1e-5
+    )
 
 
 def test_ms_ssim_on_every_backend(any_backend):
@@ -213,7 +226,10 @@ def test_ms_ssim_on_every_backend(any_backend):
     x, y = images(shape, device=device)
     check_against(
         lambda a, b: sk.ms_ssim(a, b, reduction="none", backend=any_backend),
-        ms_ssim_formula, (x, y), rtol=1e-5, name="ms_ssim",
+        ms_ssim_formula,
+        (x, y),
+        rtol=1e-5,
+        name="ms_ssim",
     )
 
 

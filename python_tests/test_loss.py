@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import ssimkd_kernels as sk
 from conftest import sample_levels
 from utils import assert_close_verbose
+
+import ssimkd_kernels as sk
 
 
 def test_tensor_sequence_and_dict_inputs_agree():
@@ -149,15 +149,28 @@ def _pair(*shape):
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: sk.ssim_kd_loss({"p3": torch.rand(2, 4, 8, 8), "p7": torch.rand(2, 256, 7, 11)},
-                                 {"p3": torch.rand(2, 4, 8, 8), "p7": torch.rand(2, 256, 7, 12)}),
-         ValueError, r"level 'p7': student \(2, 256, 7, 11\) vs teacher \(2, 256, 7, 12\)"),
-        (lambda: sk.ssim_kd_loss([torch.rand(1, 1, 4, 4)] * 2, [torch.rand(1, 1, 4, 4)]),
-         ValueError, "student_feats has 2 levels, teacher_feats has 1"),
+        (
+            lambda: sk.ssim_kd_loss(
+                {"p3": torch.rand(2, 4, 8, 8), "p7": torch.rand(2, 256, 7, 11)},
+                {"p3": torch.rand(2, 4, 8, 8), "p7": torch.rand(2, 256, 7, 12)},
+            ),
+            ValueError,
+            r"level 'p7': student \(2, 256, 7, 11\) vs teacher \(2, 256, 7, 12\)",
+        ),
+        (
+            lambda: sk.ssim_kd_loss([torch.rand(1, 1, 4, 4)] * 2, [torch.rand(1, 1, 4, 4)]),
+            ValueError,
+            "student_feats has 2 levels, teacher_feats has 1",
+        ),
         (lambda: sk.ssim_kd_loss([], []), ValueError, "student_feats is empty"),
         (lambda: sk.ssim_kd_loss(torch.rand(4, 8, 8), torch.rand(4, 8, 8)), ValueError, r"must be \(N, C, H, W\)"),
-        (lambda: sk.ssim_kd_loss(torch.ones(1, 1, 4, 4, dtype=torch.int64), torch.ones(1, 1, 4, 4, dtype=torch.int64)),
-         TypeError, "torch.int64 is not float16"),
+        (
+            lambda: sk.ssim_kd_loss(
+                torch.ones(1, 1, 4, 4, dtype=torch.int64), torch.ones(1, 1, 4, 4, dtype=torch.int64)
+            ),
+            TypeError,
+            "torch.int64 is not float16",
+        ),
         (lambda: sk.ssim_kd_loss(*_pair(1, 1, 4, 4), padding="same"), ValueError, "padding must be one of"),
         (lambda: sk.ssim_kd_loss(*_pair(1, 1, 4, 4), normalize="global"), ValueError, "normalize must be one of"),
         (lambda: sk.ssim_kd_loss(*_pair(1, 1, 4, 4), window_size=10), ValueError, "window_size must be odd"),
@@ -167,14 +180,23 @@ def _pair(*shape):
         (lambda: sk.ssim_kd_loss(*_pair(1, 1, 4, 4), exponents=(1, -1, 1)), ValueError, "exponents must be three"),
         (lambda: sk.ssim_kd_loss(*_pair(1, 1, 4, 4), level_weights=[1, 2]), ValueError, "level_weights must be 1"),
         (lambda: sk.ssim_kd_loss(*_pair(1, 1, 4, 4), backend="opencl"), ValueError, "backend must be one of"),
-        (lambda: sk.ssim_kd_loss({"p7": torch.rand(1, 2, 7, 11)}, {"p7": torch.rand(1, 2, 7, 11)}, padding="valid"),
-         ValueError, r"level 'p7': padding 'valid' needs planes of at least 11x11, got 7x11"),
+        (
+            lambda: sk.ssim_kd_loss({"p7": torch.rand(1, 2, 7, 11)}, {"p7": torch.rand(1, 2, 7, 11)}, padding="valid"),
+            ValueError,
+            r"level 'p7': padding 'valid' needs planes of at least 11x11, got 7x11",
+        ),
         (lambda: sk.ssim_kd_loss(torch.rand(0, 2, 4, 4), torch.rand(0, 2, 4, 4)), ValueError, "is empty"),
         (lambda: sk.ssim_kd_loss("p3", "p3"), TypeError, "must be a Tensor, a sequence"),
-        (lambda: sk.ssim_kd_loss([torch.rand(1, 1, 4, 4), 3], [torch.rand(1, 1, 4, 4), 3]), TypeError,
-         "level '1': student_feats must hold Tensors"),
-        (lambda: sk.ssim_kd_loss({"a": torch.rand(1, 1, 4, 4)}, {"b": torch.rand(1, 1, 4, 4)}), ValueError,
-         r"levels \['a'\] vs teacher_feats levels \['b'\]"),
+        (
+            lambda: sk.ssim_kd_loss([torch.rand(1, 1, 4, 4), 3], [torch.rand(1, 1, 4, 4), 3]),
+            TypeError,
+            "level '1': student_feats must hold Tensors",
+        ),
+        (
+            lambda: sk.ssim_kd_loss({"a": torch.rand(1, 1, 4, 4)}, {"b": torch.rand(1, 1, 4, 4)}),
+            ValueError,
+            r"levels \['a'\] vs teacher_feats levels \['b'\]",
+        ),
         (lambda: sk.ssim(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), k1=-0.1), ValueError, "k1 must be"),
         (lambda: sk.ssim_kd_loss(*_pair(1, 1, 4, 4), clamp="yes"), TypeError, "clamp must be a bool"),
         (lambda: sk.SSIMKDLoss(window=11), TypeError, r"unknown options \['window'\]"),
@@ -187,10 +209,9 @@ def test_bad_input_raises_a_clear_error(call, error, match):
 
 def test_backend_on_the_wrong_device_is_refused():
     x, y = _pair(1, 1, 4, 4)
-    if "cpu" in sk.available_backends():
-        if torch.cuda.is_available():
-            with pytest.raises(ValueError, match="backend 'cpu' runs on CPU tensors"):
-                sk.ssim_kd_loss(x.cuda(), y.cuda(), backend="cpu")
+    if "cpu" in sk.available_backends() and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend 'cpu' runs on CPU tensors"):
+            sk.ssim_kd_loss(x.cuda(), y.cuda(), backend="cpu")
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError), match="backend 'cuda'"):
             sk.ssim_kd_loss(x, y, backend="cuda")

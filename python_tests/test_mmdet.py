@@ -12,17 +12,17 @@ import torch
 
 pytest.importorskip("mmdet", reason="mmdet is not installed: `make setup-mmdet` installs mmengine, mmcv and mmdet")
 
+from conftest import sample_levels  # noqa: E402
+from mmdet.registry import MODELS  # noqa: E402
+from mmdet.structures import DetDataSample  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.hub import get_config  # noqa: E402
 from mmengine.logging import MessageHub  # noqa: E402
 from mmengine.optim import OptimWrapper  # noqa: E402
 from mmengine.registry import Registry, init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
-from mmdet.registry import MODELS  # noqa: E402
-from mmdet.structures import DetDataSample  # noqa: E402
 
 import ssimkd_kernels as sk  # noqa: E402
-from conftest import sample_levels  # noqa: E402
 from ssimkd_kernels.integrations import mmdet as sk_mmdet  # noqa: E402
 
 # mmengine 0.10 imports pkg_resources (hence setuptools < 81 in requirements/mmdet.txt), which warns.
@@ -57,8 +57,15 @@ def test_registered_loss_is_loss_weight_times_ssim_kd_loss(loss_weight):
 
 def test_config_options_reach_the_loss():
     options = dict(
-        normalize="plane", padding="zero", exponents=(0.0, 0.0, 1.0), clamp=False,
-        level_weights=[1.0, 0.5, 0.25], window_size=7, sigma=1.0, k1=0.02, k2=0.05,
+        normalize="plane",
+        padding="zero",
+        exponents=(0.0, 0.0, 1.0),
+        clamp=False,
+        level_weights=[1.0, 0.5, 0.25],
+        window_size=7,
+        sigma=1.0,
+        k1=0.02,
+        k2=0.05,
     )
     cfg = Config(dict(loss=dict(type="SSIMKDLoss", loss_weight=2.0, **options)))  # as a config file gives it
     criterion = MODELS.build(cfg.loss)
@@ -105,7 +112,9 @@ def _tiny_distiller_cfg():
 def _batch(n=2, size=64):
     samples = []
     for i in range(n):
-        sample = DetDataSample(metainfo=dict(img_id=i, img_shape=(size, size), ori_shape=(size, size), scale_factor=(1.0, 1.0)))
+        sample = DetDataSample(
+            metainfo=dict(img_id=i, img_shape=(size, size), ori_shape=(size, size), scale_factor=(1.0, 1.0))
+        )
         sample.gt_instances = InstanceData(bboxes=torch.tensor([[8.0, 10.0, 40.0, 44.0]]), labels=torch.tensor([i % 3]))
         samples.append(sample)
     images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(n)]
@@ -135,7 +144,9 @@ def test_one_training_iteration_of_the_distiller():
     log_vars = model.train_step(_batch(), optim_wrapper)
     assert {"loss", "loss_cls", "loss_bbox", "loss_ssimkd"} <= set(log_vars)
     assert all(torch.isfinite(torch.as_tensor(v).detach()).all() for v in log_vars.values())
-    changed = [n for n, p in model.student.named_parameters() if p.requires_grad and not torch.equal(p, student_before[n])]
+    changed = [
+        n for n, p in model.student.named_parameters() if p.requires_grad and not torch.equal(p, student_before[n])
+    ]
     assert any(n.startswith("neck.") for n in changed) and any(n.startswith("backbone.") for n in changed)
     for name, tensor in model.teacher.state_dict().items():  # weights and BatchNorm statistics
         assert torch.equal(tensor, teacher_before[name]), name
@@ -165,7 +176,12 @@ def test_shipped_config_parses_and_builds():
     assert cfg.model.type == "SSIMKDDistiller"
     assert cfg.model.student.backbone.depth == 50
     loss = cfg.model.distill_loss
-    assert (loss.type, loss.normalize, loss.padding, tuple(loss.exponents)) == ("SSIMKDLoss", "sample", "reflect", (1.0, 1.0, 1.0))
+    assert (loss.type, loss.normalize, loss.padding, tuple(loss.exponents)) == (
+        "SSIMKDLoss",
+        "sample",
+        "reflect",
+        (1.0, 1.0, 1.0),
+    )
     assert cfg.train_cfg.max_epochs == 12
 
     model_cfg = cfg.model

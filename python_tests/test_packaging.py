@@ -73,10 +73,12 @@ def test_sdist_and_pure_wheel_install_and_run_without_a_compiler(tmp_path):
     [sdist] = (tmp_path / "dist").glob("*.tar.gz")
     [wheel] = (tmp_path / "dist").glob("*.whl")
     assert wheel.name == f"ssimkd_kernels-{sk.__version__}-py3-none-any.whl"
-    wheel_files = zipfile.ZipFile(wheel).namelist()
+    with zipfile.ZipFile(wheel) as archive:
+        wheel_files = archive.namelist()
     assert "ssimkd_kernels/csrc/ops.cpp" in wheel_files and "ssimkd_kernels/_build.py" in wheel_files
     assert not [f for f in wheel_files if f.endswith((".so", ".pyd", ".so.json"))], wheel_files
-    sdist_files = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    with tarfile.open(sdist) as archive:
+        sdist_files = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"setup.py", "pyproject.toml", "csrc/ops.cpp", "ssimkd_kernels/_build.py"} <= sdist_files
 
     env = tmp_path / "venv"
@@ -100,7 +102,8 @@ def test_sdist_and_pure_wheel_install_and_run_without_a_compiler(tmp_path):
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert got["grads"] == pytest.approx([s.grad.double().norm().item() for s in students], rel=1e-5)
 
-    info = json.loads(_run([env / "bin" / "ssimkd", "info", "--json"], cwd=tmp_path,
-                           env={**no_compiler, "SSIMKD_NO_JIT": "1"}).stdout)
+    info = json.loads(
+        _run([env / "bin" / "ssimkd", "info", "--json"], cwd=tmp_path, env={**no_compiler, "SSIMKD_NO_JIT": "1"}).stdout
+    )
     assert info["backends"]["reference"]["available"]
     assert not info["backends"]["cpu"]["available"] and "SSIMKD_NO_JIT=1" in info["backends"]["cpu"]["reason"]

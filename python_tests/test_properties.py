@@ -10,17 +10,26 @@ import os
 
 import pytest
 import torch
+from conftest import EMULATED_CUDA, FUSED_BACKENDS, backend_available, device_of, sample_levels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import ssimkd_kernels as sk
-from conftest import EMULATED_CUDA, FUSED_BACKENDS, backend_available, device_of, sample_levels
 from test_backends import check_against_reference
 
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("deep", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "2000")), deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+import ssimkd_kernels as sk
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "deep",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "2000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Fewer examples where one example costs more: the interpreter and the one-thread emulation.
@@ -56,15 +65,27 @@ def cases(draw, backend):
         exponents=draw(st.sampled_from([(1, 1, 1), (0, 0, 1), (0, 1, 1), (1, 0.5, 2), (2, 1, 1)])),
         clamp=draw(st.booleans()),
     )
-    return dict(planes=planes, batch=batch, channels=channels, dtype=draw(st.sampled_from(dtypes)),
-                layout=draw(st.sampled_from(["contiguous", "channels_last", "sliced"])),
-                teacher_grad=draw(st.booleans()), options=options)
+    return dict(
+        planes=planes,
+        batch=batch,
+        channels=channels,
+        dtype=draw(st.sampled_from(dtypes)),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "sliced"])),
+        teacher_grad=draw(st.booleans()),
+        options=options,
+    )
 
 
 def _levels(case, device):
-    students, teachers = sample_levels(case["planes"], batch=case["batch"], channels=case["channels"],
-                                       dtype=case["dtype"], device=device, layout=case["layout"],
-                                       signed=case["options"]["normalize"] != "none")
+    students, teachers = sample_levels(
+        case["planes"],
+        batch=case["batch"],
+        channels=case["channels"],
+        dtype=case["dtype"],
+        device=device,
+        layout=case["layout"],
+        signed=case["options"]["normalize"] != "none",
+    )
     if not case["teacher_grad"]:
         teachers = [t.detach() for t in teachers]
     return students, teachers
@@ -108,8 +129,12 @@ def test_edge_value_planes(backend, fill, normalize):
     students = [s.to(device=device, dtype=dtype).requires_grad_() for s in students]
     teachers = [t.to(device=device, dtype=dtype) for t in teachers]
     loss = sk.ssim_kd_loss(students, teachers, normalize=normalize, backend=backend)
-    reference = sk.ssim_kd_loss([s.detach().double() for s in students], [t.double() for t in teachers],
-                                normalize=normalize, backend="reference")
+    reference = sk.ssim_kd_loss(
+        [s.detach().double() for s in students],
+        [t.double() for t in teachers],
+        normalize=normalize,
+        backend="reference",
+    )
     assert torch.isfinite(loss) == torch.isfinite(reference)
     if torch.isfinite(reference):
         assert abs(float(loss.detach()) - float(reference)) <= 1e-4 * max(1.0, abs(float(reference)))

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import assert_close_verbose
 
 import ssimkd_kernels as sk
 from ssimkd_kernels import reference
-from utils import assert_close_verbose
 
 
 def test_gaussian_window_is_normalised_and_symmetric():
@@ -70,8 +70,13 @@ def test_valid_padding_matches_skimage():
     y = (x + 0.3 * torch.rand_like(x)).clamp(0, 1)
     ours = sk.ssim(x, y, padding="valid", backend="reference")
     theirs = metrics.structural_similarity(
-        x[0, 0].numpy(), y[0, 0].numpy(), win_size=11, gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, data_range=1.0,
+        x[0, 0].numpy(),
+        y[0, 0].numpy(),
+        win_size=11,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
     )
     assert abs(float(ours) - theirs) < 1e-12
 

@@ -130,8 +130,9 @@ def runtime_identity(torch) -> dict:
     }
 
 
-def build_record(torch, *, gpu_kernels: bool, cuda_arch_list: str | None, compiler: str | None,
-                 source_digest: str, built_by: str) -> dict:
+def build_record(
+    torch, *, gpu_kernels: bool, cuda_arch_list: str | None, compiler: str | None, source_digest: str, built_by: str
+) -> dict:
     """What a build was made against and of (written as `<library>.json`)."""
     return {
         "format": RECORD_FORMAT,

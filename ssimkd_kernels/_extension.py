@@ -119,15 +119,19 @@ def load(build: bool = True) -> Extension | None:
             if os.environ.get(NO_JIT_VARIABLE, "0") == "1":
                 notes.append(f"no first-use build: {NO_JIT_VARIABLE}=1")
             else:
-                notes.append(f"not compiled for torch {torch.__version__} yet: it compiles on first use, or ahead "
-                             "with `ssimkd build`")
+                notes.append(
+                    f"not compiled for torch {torch.__version__} yet: it compiles on first use, or ahead "
+                    "with `ssimkd build`"
+                )
             _pending = "; ".join(notes)
             return None
         if found is None:
             if os.environ.get(NO_JIT_VARIABLE, "0") == "1":
                 problems = bool(notes)  # a library was there but unusable: say so, even though no build was asked
-                notes.append(f"no extension was built ahead for torch {torch.__version__}, and {NO_JIT_VARIABLE}=1 "
-                             "turns the first-use build off")
+                notes.append(
+                    f"no extension was built ahead for torch {torch.__version__}, and {NO_JIT_VARIABLE}=1 "
+                    "turns the first-use build off"
+                )
                 _failure = "; ".join(notes)
                 _notice = f"the C++ extension is not available: {_failure}" if problems else None
                 return None
@@ -180,8 +184,10 @@ def _load_installed(torch, notes: list[str]) -> Extension | None:
     if record is not None:
         mismatch = _mismatch(torch, record)
         if mismatch:
-            notes.append(f"the installed extension {path} {mismatch}: not loaded (rebuild it: `make setup`, or "
-                         "`SSIMKD_BUILD_EXT=1 pip install --no-build-isolation .`)")
+            notes.append(
+                f"the installed extension {path} {mismatch}: not loaded (rebuild it: `make setup`, or "
+                "`SSIMKD_BUILD_EXT=1 pip install --no-build-isolation .`)"
+            )
             return None
     try:
         module = _import_library(path)
@@ -211,8 +217,11 @@ def _find_cached(torch) -> Path | None:
     digest = _build.source_hash(folder)
     wants_gpu = build_plan(torch).gpu_kernels
     capabilities = _device_capabilities(torch)
-    candidates = sorted(cache_dir().glob(f"{_cache_prefix(torch)}-*/{_build.EXTENSION_NAME}*.so"),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted(
+        cache_dir().glob(f"{_cache_prefix(torch)}-*/{_build.EXTENSION_NAME}*.so"),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for library in candidates:
         record = _build.read_record(library)
         if record is None or record.get("sources") != digest or _mismatch(torch, record):
@@ -243,15 +252,19 @@ def _mismatch(torch, record: dict) -> str | None:
 
 def _describe_identity(identity: dict) -> str:
     abi = "C++11 ABI" if identity.get("cxx11_abi") else "pre-C++11 ABI"
-    return (f"torch {identity.get('torch')} ({identity.get('gpu_runtime') or 'no GPU runtime'}, {abi}, "
-            f"{identity.get('python')})")
+    return (
+        f"torch {identity.get('torch')} ({identity.get('gpu_runtime') or 'no GPU runtime'}, {abi}, "
+        f"{identity.get('python')})"
+    )
 
 
 def _explain_import_error(path: Path, error: Exception) -> str:
     message = str(error).strip()
     if "undefined symbol" in message:
-        return (f"the extension {path} failed to load ({message}): it was built against another torch; rebuild "
-                "it (`make setup`, or `ssimkd build` for a first-use build)")
+        return (
+            f"the extension {path} failed to load ({message}): it was built against another torch; rebuild "
+            "it (`make setup`, or `ssimkd build` for a first-use build)"
+        )
     return f"the extension {path} failed to load ({message})"
 
 
@@ -308,11 +321,15 @@ def build_plan(torch) -> BuildPlan:
         return BuildPlan(None, None, "this torch is built without CUDA")
     toolkit = _build.find_cuda_toolkit()
     if toolkit is None:
-        why = ("SSIMKD_NO_CUDA=1" if os.environ.get("SSIMKD_NO_CUDA", "0") == "1"
-               else "no CUDA toolkit found (nvcc on PATH, or CUDA_HOME)")
+        why = (
+            "SSIMKD_NO_CUDA=1"
+            if os.environ.get("SSIMKD_NO_CUDA", "0") == "1"
+            else "no CUDA toolkit found (nvcc on PATH, or CUDA_HOME)"
+        )
         return BuildPlan(None, None, why)
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(
-        f"{major}.{minor}" for major, minor in _device_capabilities(torch))
+        f"{major}.{minor}" for major, minor in _device_capabilities(torch)
+    )
     if not arch_list:
         return BuildPlan(None, None, "no CUDA device here and TORCH_CUDA_ARCH_LIST is not set")
     return BuildPlan(toolkit, arch_list, None)
@@ -335,8 +352,18 @@ def _build_folder(torch, plan: BuildPlan, compiler: str, digest: str) -> Path:
     if plan.gpu_kernels:
         archs = plan.cuda_arch_list.replace(";", "-").replace(" ", "-")
         variant = f"cuda{torch.version.cuda}-sm{archs}"
-    key = repr((digest, _build.CXX_FLAGS, _build.NVCC_FLAGS, _build.LD_FLAGS, _build.runtime_identity(torch),
-                plan.cuda_home, plan.cuda_arch_list, compiler))
+    key = repr(
+        (
+            digest,
+            _build.CXX_FLAGS,
+            _build.NVCC_FLAGS,
+            _build.LD_FLAGS,
+            _build.runtime_identity(torch),
+            plan.cuda_home,
+            plan.cuda_arch_list,
+            compiler,
+        )
+    )
     short = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / _slug(f"{_cache_prefix(torch)}-{variant}-{compiler.replace(' ', '')}-{short}")
 
@@ -356,8 +383,10 @@ def _check_build_tools(folder: Path) -> str:
         raise BuildError("ninja is not installed (`pip install ninja`)")
     python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not python_h.exists():
-        raise BuildError(f"Python's C headers are missing ({python_h}): install the python{sys.version_info.major}."
-                         f"{sys.version_info.minor}-dev package")
+        raise BuildError(
+            f"Python's C headers are missing ({python_h}): install the python{sys.version_info.major}."
+            f"{sys.version_info.minor}-dev package"
+        )
     return compiler
 
 
@@ -407,13 +436,19 @@ def _compile(torch, plan: BuildPlan, *, why: str = "", asked: bool = False, fres
     failed_log = build_folder / FAILED_LOG
     if failed_log.exists() and not asked:
         first_error = _first_error_line(failed_log.read_text())
-        raise BuildError(f"an earlier first-use build in {build_folder} failed ({first_error}; log: {failed_log}); "
-                         "`ssimkd build` tries again")
+        raise BuildError(
+            f"an earlier first-use build in {build_folder} failed ({first_error}; log: {failed_log}); "
+            "`ssimkd build` tries again"
+        )
     build_folder.mkdir(parents=True, exist_ok=True)
     defines = [f"-D{_build.CUDA_MACRO}"] if plan.gpu_kernels else []
-    print(f"ssimkd_kernels: {why + ' ' if why else ''}compiling the C++ extension ({plan.describe()}, {compiler}, "
-          f"torch {torch.__version__}) into {build_folder}, once; this takes minutes ...",
-          end=" ", file=sys.stderr, flush=True)
+    print(
+        f"ssimkd_kernels: {why + ' ' if why else ''}compiling the C++ extension ({plan.describe()}, {compiler}, "
+        f"torch {torch.__version__}) into {build_folder}, once; this takes minutes ...",
+        end=" ",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     try:
         with _toolkit_environment(plan) as cpp_extension:
@@ -432,15 +467,24 @@ def _compile(torch, plan: BuildPlan, *, why: str = "", asked: bool = False, fres
         seconds = time.perf_counter() - start
         print(f"failed after {seconds:.0f} s", file=sys.stderr, flush=True)
         failed_log.write_text(f"{type(error).__name__}: {error}\n")
-        raise BuildError(f"the first-use build failed after {seconds:.0f} s: {_first_error_line(str(error))} "
-                         f"(log: {failed_log})") from error
+        raise BuildError(
+            f"the first-use build failed after {seconds:.0f} s: {_first_error_line(str(error))} (log: {failed_log})"
+        ) from error
     seconds = time.perf_counter() - start
     failed_log.unlink(missing_ok=True)
     # Recent torch returns the library's path (named _C_v<N> after an in-process rebuild); 2.4 returns None.
     library = Path(library) if library else build_folder / f"{_build.EXTENSION_NAME}.so"
-    _build.write_record(library, _build.build_record(
-        torch, gpu_kernels=plan.gpu_kernels, cuda_arch_list=plan.cuda_arch_list, compiler=compiler,
-        source_digest=digest, built_by="first use"))
+    _build.write_record(
+        library,
+        _build.build_record(
+            torch,
+            gpu_kernels=plan.gpu_kernels,
+            cuda_arch_list=plan.cuda_arch_list,
+            compiler=compiler,
+            source_digest=digest,
+            built_by="first use",
+        ),
+    )
     try:
         module = _import_library(library)
     except (ImportError, OSError) as error:

@@ -29,7 +29,9 @@ __all__ = ["fused_ssim", "l1_ssim_loss", "ms_ssim", "MSSSIMLoss"]
 _FUSED_SSIM_PADDING = {"same": "zero", "valid": "valid"}
 
 
-def fused_ssim(img1: Tensor, img2: Tensor, padding: str = "same", train: bool = True, *, backend: str = "auto") -> Tensor:
+def fused_ssim(
+    img1: Tensor, img2: Tensor, padding: str = "same", train: bool = True, *, backend: str = "auto"
+) -> Tensor:
     """Mean SSIM of img1 against img2 with fused-ssim's call and numbers: an 11x11 Gaussian window of
     sigma 1.5, C1 = 0.01^2, C2 = 0.03^2 (data range 1), padding "same" (zeros outside the image) or
     "valid" (only windows inside it).
@@ -88,8 +90,17 @@ def l1_ssim_loss(
         raise ValueError(f"ssim_weight must be a number in [0, 1], got {ssim_weight!r}")
     _check_window_options(window_size, sigma, data_range, k1, k2, padding, (1.0, 1.0, 1.0))
     _check_levels(x, y, window_size, padding)
-    value = ssim(x, y, padding=padding, window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
-                 backend=backend)
+    value = ssim(
+        x,
+        y,
+        padding=padding,
+        window_size=window_size,
+        sigma=sigma,
+        data_range=data_range,
+        k1=k1,
+        k2=k2,
+        backend=backend,
+    )
     l1 = (x.to(value.dtype) - y.to(value.dtype)).abs().mean()
     return (1.0 - ssim_weight) * l1 + ssim_weight * (1.0 - value)
 
@@ -104,7 +115,9 @@ def _ms_ssim_weights(weights) -> tuple[float, ...]:
         or not weights
         or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights)
     ):
-        raise ValueError(f"weights must be a non-empty sequence of finite numbers >= 0 (one per scale), got {weights!r}")
+        raise ValueError(
+            f"weights must be a non-empty sequence of finite numbers >= 0 (one per scale), got {weights!r}"
+        )
     return tuple(float(w) for w in weights)
 
 
@@ -155,8 +168,9 @@ def ms_ssim(
             f"exceeds {minimum} (each of the {len(weights) - 1} 2x downsamplings must leave room for a window), "
             f"got {tuple(x.shape[2:])}"
         )
-    options = dict(window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2, padding="valid",
-                   backend=backend)
+    options = dict(
+        window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2, padding="valid", backend=backend
+    )
     terms = _scale_terms(reference.msssim_pyramid(x, len(weights)), reference.msssim_pyramid(y, len(weights)), options)
     w = torch.tensor(weights, dtype=terms[0].dtype, device=x.device)
     per_channel = torch.stack([reference.positive_power(t, w[i]) for i, t in enumerate(terms)]).prod(dim=0)

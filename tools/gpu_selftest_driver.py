@@ -75,7 +75,9 @@ def _tool_version(name: str, line: int = -1) -> str | None:
     if path is None:
         return None
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        out = (
+            subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        )
     except (OSError, subprocess.TimeoutExpired):
         return path
     return f"{path}: {out[line] if out else ''}".strip()
@@ -110,8 +112,10 @@ def cmd_env(args) -> int:
         "cuda_available": torch.cuda.is_available(),
         "backends": sk.available_backends(),  # loads the extension (no first-use build: SSIMKD_NO_JIT)
         "extension": _extension.describe(),
-        "tools": {**{name: _tool_version(name) for name in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi")},
-                  "c++": _tool_version("c++", line=0)},  # the host compiler: C++20 needs GCC 10 or newer
+        "tools": {
+            **{name: _tool_version(name) for name in ("nvcc", "compute-sanitizer", "ncu", "nvidia-smi")},
+            "c++": _tool_version("c++", line=0),
+        },  # the host compiler: C++20 needs GCC 10 or newer
     }
     try:
         import triton
@@ -119,8 +123,20 @@ def cmd_env(args) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    for module in ("pytest", "xdist", "hypothesis", "torchvision", "torchmetrics", "pytorch_msssim", "kornia",
-                   "fussim", "fused_ssim", "tomli_w", "faster_coco_eval", "skimage"):
+    for module in (
+        "pytest",
+        "xdist",
+        "hypothesis",
+        "torchvision",
+        "torchmetrics",
+        "pytorch_msssim",
+        "kornia",
+        "fussim",
+        "fused_ssim",
+        "tomli_w",
+        "faster_coco_eval",
+        "skimage",
+    ):
         try:
             imported = __import__(module)
             info.setdefault("modules", {})[module] = getattr(imported, "__version__", "present")
@@ -169,10 +185,13 @@ FUZZ_CASES = (
     Case(((2, 9), (17, 20)), options=dict(padding="zero", window_size=3, sigma=0.8)),
     Case(((15, 15), (31, 45)), options=dict(padding="valid", window_size=15, sigma=2.5)),
     Case(((6, 9), (33, 70)), dtype=torch.bfloat16, layout="channels_last", teacher_grad=False),
-    Case(((5, 7), (19, 33)), dtype=torch.float16, layout="sliced",
-         options=dict(exponents=(0.0, 0.0, 1.0), normalize="plane", clamp=False)),
-    Case(((9, 13), (25, 42)), options=dict(exponents=(0.5, 1.0, 2.0), normalize="level",
-                                           level_weights=[0.3, 2.0])),
+    Case(
+        ((5, 7), (19, 33)),
+        dtype=torch.float16,
+        layout="sliced",
+        options=dict(exponents=(0.0, 0.0, 1.0), normalize="plane", clamp=False),
+    ),
+    Case(((9, 13), (25, 42)), options=dict(exponents=(0.5, 1.0, 2.0), normalize="level", level_weights=[0.3, 2.0])),
     Case(((12, 19),), ssim_map=True, options=dict(padding="reflect")),
     Case(((16, 23),), ssim_map=True, options=dict(padding="valid", window_size=7, sigma=1.0)),
     Case(tuple((1 + i % 5, 2 + (3 * i) % 7) for i in range(14)), batch=1, channels=2),  # several launches
@@ -190,8 +209,8 @@ def _levels(case: Case, device, seed: int):
             values = values.sigmoid()
         values = values.to(device=device, dtype=case.dtype)
         if case.layout == "sliced":  # a strided view: every other channel and column, an offset row window
-            return values[:, ::2, 1:h + 1, 1:2 * w + 1:2].detach()
-        t = values[:, :case.channels, :h, :w].contiguous()
+            return values[:, ::2, 1 : h + 1, 1 : 2 * w + 1 : 2].detach()
+        t = values[:, : case.channels, :h, :w].contiguous()
         return t.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else t
 
     students = [one(h, w).requires_grad_() for h, w in case.planes]
@@ -223,8 +242,12 @@ def cmd_fuzz(args) -> int:
             ref_t = [t.detach().double().cpu().requires_grad_(t.requires_grad) for t in teachers]
             cotangent = None
             if case.ssim_map:
-                shape = sk.ssim_map(ref_s[0].detach(), ref_t[0].detach(), backend="reference",
-                                    **{k: v for k, v in case.options.items() if k != "normalize"}).shape
+                shape = sk.ssim_map(
+                    ref_s[0].detach(),
+                    ref_t[0].detach(),
+                    backend="reference",
+                    **{k: v for k, v in case.options.items() if k != "normalize"},
+                ).shape
                 cotangent = torch.randn(shape, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
             start = time.perf_counter()
             try:
@@ -242,16 +265,27 @@ def cmd_fuzz(args) -> int:
             worst = max(errors)
             ok = worst <= TOLERANCE[case.dtype]
             failures += not ok
-            results.append({"case": index, "backend": backend, "dtype": str(case.dtype).replace("torch.", ""),
-                            "planes": len(case.planes), "worst_relative_error": worst, "ok": ok,
-                            "seconds": round(seconds, 3)})
-            _print(f"case {index:2d} {backend:<14} {str(case.dtype).replace('torch.', ''):<9} "
-                   f"{'ok' if ok else 'MISMATCH'}  worst norm-wise error {worst:.2e} (bound {TOLERANCE[case.dtype]:.0e})"
-                   f"  {seconds:.2f} s")
+            results.append(
+                {
+                    "case": index,
+                    "backend": backend,
+                    "dtype": str(case.dtype).replace("torch.", ""),
+                    "planes": len(case.planes),
+                    "worst_relative_error": worst,
+                    "ok": ok,
+                    "seconds": round(seconds, 3),
+                }
+            )
+            _print(
+                f"case {index:2d} {backend:<14} {str(case.dtype).replace('torch.', ''):<9} "
+                f"{'ok' if ok else 'MISMATCH'}  worst norm-wise error {worst:.2e} (bound {TOLERANCE[case.dtype]:.0e})"
+                f"  {seconds:.2f} s"
+            )
     _print(f"fuzz: {len(results) - failures} of {len(results)} case runs passed")
     if args.json:
-        Path(args.json).write_text(json.dumps({"check": "fuzz", "runs": results, "failures": failures,
-                                               "complete": True}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"check": "fuzz", "runs": results, "failures": failures, "complete": True}, indent=2) + "\n"
+        )
     return 1 if failures else 0
 
 
@@ -282,7 +316,7 @@ def _large_check(backend: str, shape, dtype, device, chunk_planes: int) -> dict:
     counts = [len(range(k, planes, DISTINCT_PAIRS)) for k in range(DISTINCT_PAIRS)]
     true_loss = sum(cnt * loss for cnt, loss in zip(counts, losses)) / planes
 
-    pair = (torch.arange(planes, device=device) % DISTINCT_PAIRS)
+    pair = torch.arange(planes, device=device) % DISTINCT_PAIRS
     x = base_x.to(device).index_select(0, pair).view(n, c, h, w).requires_grad_()
     y = base_y.to(device).index_select(0, pair).view(n, c, h, w).requires_grad_()
     start = time.perf_counter()
@@ -302,13 +336,22 @@ def _large_check(backend: str, shape, dtype, device, chunk_planes: int) -> dict:
         scale = float(want.abs().max())
         for first in range(0, planes, chunk_planes):
             rows = torch.arange(first, min(first + chunk_planes, planes), device=device)
-            diff = (got[first:first + len(rows)].float() - want.index_select(0, rows % DISTINCT_PAIRS)).abs().max()
+            diff = (got[first : first + len(rows)].float() - want.index_select(0, rows % DISTINCT_PAIRS)).abs().max()
             worst[name] = max(worst[name], float(diff) / scale)
     loss = float(loss.detach())
     loss_error = abs(loss - true_loss) / abs(true_loss)
-    return {"backend": backend, "shape": list(shape), "elements": n * c * h * w, "dtype": str(dtype).replace("torch.", ""),
-            "loss": loss, "true_loss": true_loss, "loss_relative_error": loss_error,
-            "grad_x_relative_error": worst["x"], "grad_y_relative_error": worst["y"], "seconds": round(seconds, 3)}
+    return {
+        "backend": backend,
+        "shape": list(shape),
+        "elements": n * c * h * w,
+        "dtype": str(dtype).replace("torch.", ""),
+        "loss": loss,
+        "true_loss": true_loss,
+        "loss_relative_error": loss_error,
+        "grad_x_relative_error": worst["x"],
+        "grad_y_relative_error": worst["y"],
+        "seconds": round(seconds, 3),
+    }
 
 
 def cmd_large(args) -> int:
@@ -339,12 +382,16 @@ def cmd_large(args) -> int:
             result = {"backend": backend, "error": f"{type(error).__name__}: {error}"[:300], "ok": False}
             _print(f"large {backend:<8} FAILED: {result['error']}")
         else:
-            result["ok"] = (result["loss_relative_error"] <= loss_bound
-                            and max(result["grad_x_relative_error"], result["grad_y_relative_error"]) <= grad_bound)
-            _print(f"large {backend:<8} {elements:,} elements {result['dtype']}: "
-                   f"{'ok' if result['ok'] else 'MISMATCH'}  loss error {result['loss_relative_error']:.1e} "
-                   f"(bound {loss_bound:.0e}), gradient errors {result['grad_x_relative_error']:.1e} / "
-                   f"{result['grad_y_relative_error']:.1e} (bound {grad_bound:.0e}), fwd+bwd {result['seconds']:.2f} s")
+            result["ok"] = (
+                result["loss_relative_error"] <= loss_bound
+                and max(result["grad_x_relative_error"], result["grad_y_relative_error"]) <= grad_bound
+            )
+            _print(
+                f"large {backend:<8} {elements:,} elements {result['dtype']}: "
+                f"{'ok' if result['ok'] else 'MISMATCH'}  loss error {result['loss_relative_error']:.1e} "
+                f"(bound {loss_bound:.0e}), gradient errors {result['grad_x_relative_error']:.1e} / "
+                f"{result['grad_y_relative_error']:.1e} (bound {grad_bound:.0e}), fwd+bwd {result['seconds']:.2f} s"
+            )
         failures += not result["ok"]
         runs.append(result)
         if device.type == "cuda":
@@ -397,15 +444,21 @@ def cmd_streams(args) -> int:
                     concurrent.append(_fwd_bwd([s.clone().requires_grad_() for s in source_s], source_t, backend))
             torch.cuda.synchronize()
             both_ok = all(torch.equal(a, b) for result in concurrent for a, b in zip(result, expected))
-            result = {"backend": backend, "side_stream_bitwise_equal": side_ok, "two_streams_bitwise_equal": both_ok,
-                      "ok": side_ok and both_ok}
+            result = {
+                "backend": backend,
+                "side_stream_bitwise_equal": side_ok,
+                "two_streams_bitwise_equal": both_ok,
+                "ok": side_ok and both_ok,
+            }
         except Exception as error:
             result = {"backend": backend, "error": f"{type(error).__name__}: {error}"[:300], "ok": False}
         failures += not result["ok"]
         runs.append(result)
         _print(f"streams {backend:<8} " + ("ok" if result["ok"] else f"FAILED: {result}"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"check": "streams", "runs": runs, "failures": failures}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"check": "streams", "runs": runs, "failures": failures}, indent=2) + "\n"
+        )
     return 1 if failures else 0
 
 
@@ -463,8 +516,9 @@ def main(argv=None) -> int:
     profile.add_argument("--repeats", type=int, default=1)
 
     args = parser.parse_args(argv)
-    return {"env": cmd_env, "fuzz": cmd_fuzz, "large": cmd_large, "streams": cmd_streams,
-            "profile": cmd_profile}[args.command](args)
+    return {"env": cmd_env, "fuzz": cmd_fuzz, "large": cmd_large, "streams": cmd_streams, "profile": cmd_profile}[
+        args.command
+    ](args)
 
 
 if __name__ == "__main__":

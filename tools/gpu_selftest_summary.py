@@ -85,29 +85,72 @@ def bench_targets(results: Path) -> list[dict]:
         ref = _row(fp32, "reference", "fwd+bwd", "float32")
         compiled = _row(fp32, "reference+compile", "fwd+bwd", "float32")
         times = row and ref and f"{row.get('median_ms', 0):.3f} ms vs {ref.get('median_ms', 0):.3f} ms"
-        targets.append(_target(f"{backend}: retinanet fp32 fwd+bwd vs eager reference", _ratio(ref, row),
-                               REFERENCE_SPEEDUP, ">=", "x", detail=times,
-                               missing=_why_missing(row if ref else None, "bench-retinanet")))
-        targets.append(_target(f"{backend}: retinanet fp32 fwd+bwd vs torch.compile(reference)", _ratio(compiled, row),
-                               COMPILE_SPEEDUP, ">=", "x", missing=_why_missing(compiled if row else None,
-                                                                                "bench-retinanet")))
-        targets.append(_target(f"{backend}: retinanet fp32 fwd+bwd time / SPEC floor",
-                               row.get("time_over_floor") if row else None, FLOOR_RATIO, "<=", "x",
-                               missing=_why_missing(row, "bench-retinanet"),
-                               detail=row and row.get("floor_ms") and f"floor {row['floor_ms'] * 1e3:.0f} us"))
+        targets.append(
+            _target(
+                f"{backend}: retinanet fp32 fwd+bwd vs eager reference",
+                _ratio(ref, row),
+                REFERENCE_SPEEDUP,
+                ">=",
+                "x",
+                detail=times,
+                missing=_why_missing(row if ref else None, "bench-retinanet"),
+            )
+        )
+        targets.append(
+            _target(
+                f"{backend}: retinanet fp32 fwd+bwd vs torch.compile(reference)",
+                _ratio(compiled, row),
+                COMPILE_SPEEDUP,
+                ">=",
+                "x",
+                missing=_why_missing(compiled if row else None, "bench-retinanet"),
+            )
+        )
+        targets.append(
+            _target(
+                f"{backend}: retinanet fp32 fwd+bwd time / SPEC floor",
+                row.get("time_over_floor") if row else None,
+                FLOOR_RATIO,
+                "<=",
+                "x",
+                missing=_why_missing(row, "bench-retinanet"),
+                detail=row and row.get("floor_ms") and f"floor {row['floor_ms'] * 1e3:.0f} us",
+            )
+        )
         row_bf16 = _row(bf16, backend, "fwd+bwd", "bfloat16")
-        targets.append(_target(f"{backend}: retinanet fwd+bwd bf16 speed-up over fp32", _ratio(row, row_bf16),
-                               BF16_SPEEDUP, ">=", "x", missing=_why_missing(row_bf16 if row else None,
-                                                                             "bench-retinanet")))
+        targets.append(
+            _target(
+                f"{backend}: retinanet fwd+bwd bf16 speed-up over fp32",
+                _ratio(row, row_bf16),
+                BF16_SPEEDUP,
+                ">=",
+                "x",
+                missing=_why_missing(row_bf16 if row else None, "bench-retinanet"),
+            )
+        )
     cuda = _row(image, "cuda", "fwd+bwd", "float32")
     fused = _row(image, "fused-ssim", "fwd+bwd", "float32")
-    targets.append(_target("cuda vs fused-ssim, image 8x3x512x512 fp32 fwd+bwd", _ratio(fused, cuda),
-                           FUSED_SSIM_SPEEDUP, ">=", "x",
-                           missing=_why_missing(fused if cuda else None, "bench-image-float32")))
+    targets.append(
+        _target(
+            "cuda vs fused-ssim, image 8x3x512x512 fp32 fwd+bwd",
+            _ratio(fused, cuda),
+            FUSED_SSIM_SPEEDUP,
+            ">=",
+            "x",
+            missing=_why_missing(fused if cuda else None, "bench-image-float32"),
+        )
+    )
     fused_step = next((r for r in (train or {}).get("rows", []) if r.get("mode") == "ssim-fused"), None)
-    targets.append(_target("SSIM-KD (fused) training step / L2-KD step, 800x1333 batch 2",
-                           fused_step.get("vs_l2") if fused_step else None, TRAIN_STEP_RATIO, "<=", "x",
-                           missing="no bench-train-step.json rows" if train is None else "no ssim-fused row"))
+    targets.append(
+        _target(
+            "SSIM-KD (fused) training step / L2-KD step, 800x1333 batch 2",
+            fused_step.get("vs_l2") if fused_step else None,
+            TRAIN_STEP_RATIO,
+            "<=",
+            "x",
+            missing="no bench-train-step.json rows" if train is None else "no ssim-fused row",
+        )
+    )
     return targets
 
 
@@ -122,7 +165,9 @@ def sanitizer_result(details: Path) -> tuple[dict, dict]:
             if log.exists():
                 text = log.read_text(errors="replace")
                 summary = re.search(r"ERROR SUMMARY: (\d+) error", text)
-                race = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
+                race = re.search(
+                    r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text
+                )
                 if race:
                     entry.update(errors=int(race.group(2)), warnings=int(race.group(3)))
                 elif summary:
@@ -149,45 +194,61 @@ def sanitizer_result(details: Path) -> tuple[dict, dict]:
 
 def check_targets(details: Path) -> list[dict]:
     targets = []
-    for name, label in (("large", "fwd+bwd above 2^31 elements equals the exact result"),
-                        ("streams", "non-default and concurrent streams: results bitwise equal")):
+    for name, label in (
+        ("large", "fwd+bwd above 2^31 elements equals the exact result"),
+        ("streams", "non-default and concurrent streams: results bitwise equal"),
+    ):
         # One JSON per backend (<name>-<backend>.json: each ran in its own process) or one for both.
         found = [r for path in sorted(details.glob(f"{name}*.json")) for r in (_load(path) or {}).get("runs", [])]
         for backend in FUSED_BACKENDS:
             run = next((r for r in found if r.get("backend") == backend), None)
             entry = {"target": f"{backend}: {label}", "threshold": "pass"}
             if run is None:
-                entry.update(measured=None, **{"pass": None},
-                             reason=f"no {name} run recorded (step cut, skipped or crashed: see the log)")
+                entry.update(
+                    measured=None,
+                    **{"pass": None},
+                    reason=f"no {name} run recorded (step cut, skipped or crashed: see the log)",
+                )
             elif run.get("skipped"):
                 entry.update(measured=None, **{"pass": None}, reason=f"skipped: {run['skipped']}")
             else:
-                entry.update(measured={k: v for k, v in run.items() if k not in ("backend", "ok")},
-                             **{"pass": bool(run.get("ok"))})
+                entry.update(
+                    measured={k: v for k, v in run.items() if k not in ("backend", "ok")},
+                    **{"pass": bool(run.get("ok"))},
+                )
             targets.append(entry)
     return targets
 
 
 def test_result(details: Path, steps: list[dict]) -> dict:
     junits = sorted(details.glob("pytest-junit*.xml"))  # one per backend's run
-    entry = {"target": "pytest: cuda and triton backends on CUDA tensors (values, gradients, dtypes, strides, "
-                       "paddings, determinism, torch.compile fullgraph, hypothesis)", "threshold": "0 failures"}
+    entry = {
+        "target": "pytest: cuda and triton backends on CUDA tensors (values, gradients, dtypes, strides, "
+        "paddings, determinism, torch.compile fullgraph, hypothesis)",
+        "threshold": "0 failures",
+    }
     if not junits:
         return {**entry, "measured": None, "pass": None, "reason": "no junit report (test step cut or skipped)"}
     suites, failed = [], []
     for junit in junits:
         root = ET.parse(junit).getroot()
         suites += [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-        failed += [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
-                   if case.find("failure") is not None or case.find("error") is not None]
+        failed += [
+            f"{case.get('classname')}::{case.get('name')}"
+            for case in root.iter("testcase")
+            if case.find("failure") is not None or case.find("error") is not None
+        ]
     counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    entry.update(measured={**counts, "passed": passed, "failed": failed[:30]},
-                 **{"pass": counts["failures"] + counts["errors"] == 0 and passed > 0})
+    entry.update(
+        measured={**counts, "passed": passed, "failed": failed[:30]},
+        **{"pass": counts["failures"] + counts["errors"] == 0 and passed > 0},
+    )
     cut = [s["step"] for s in steps if s["step"].startswith("test.pytest") and s["status"] == "timeout"]
     if cut and entry["pass"]:  # stopped at its limit: what ran passed, the rest did not run
-        entry.update(**{"pass": None}, reason=f"{', '.join(cut)} stopped at its limit after {counts['tests']} tests, "
-                                               "none failed")
+        entry.update(
+            **{"pass": None}, reason=f"{', '.join(cut)} stopped at its limit after {counts['tests']} tests, none failed"
+        )
     return entry
 
 
@@ -231,8 +292,12 @@ def static_estimate(details: Path, results: Path) -> dict:
         walk(report, "")
         entry["estimates"] = found
     fp32 = _load(results / "bench-retinanet.json")
-    entry["measured_ms"] = {f"{b} {m}": r["median_ms"] for b in FUSED_BACKENDS for m in ("fwd", "fwd+bwd")
-                            if (r := _row(fp32, b, m, "float32")) and "median_ms" in r}
+    entry["measured_ms"] = {
+        f"{b} {m}": r["median_ms"]
+        for b in FUSED_BACKENDS
+        for m in ("fwd", "fwd+bwd")
+        if (r := _row(fp32, b, m, "float32")) and "median_ms" in r
+    }
     return entry
 
 
@@ -255,11 +320,17 @@ def main(argv=None) -> int:
     info = _load(details / "info.json") or {}
     # Without a GPU (a dry run) the build must still have compiled the CUDA kernels in.
     loads = info.get("cuda_compiled") is True if args.dry_run else "cuda" in info.get("backends", [])
-    targets.insert(0, {"target": "build: extension with CUDA kernels (sm_90) against this torch",
-                       "threshold": "builds, CUDA kernels compiled in" + ("" if args.dry_run else ", cuda backend loads"),
-                       "measured": None if build is None else {"status": build["status"], "seconds": build["seconds"],
-                                                               "backends": info.get("backends")},
-                       "pass": None if build is None else (build["status"] == "ok" and loads)})
+    targets.insert(
+        0,
+        {
+            "target": "build: extension with CUDA kernels (sm_90) against this torch",
+            "threshold": "builds, CUDA kernels compiled in" + ("" if args.dry_run else ", cuda backend loads"),
+            "measured": None
+            if build is None
+            else {"status": build["status"], "seconds": build["seconds"], "backends": info.get("backends")},
+            "pass": None if build is None else (build["status"] == "ok" and loads),
+        },
+    )
     summary = {
         "generated": _dt.datetime.now().isoformat(timespec="seconds"),
         "dry_run": args.dry_run,
@@ -279,11 +350,15 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tmp.replace(results / "selftest-summary.json")
 
-    print(f"\nGPU self-test summary ({summary['device']}): {summary['passed']} passed, {summary['failed']} failed, "
-          f"{summary['not_measured']} not measured")
+    print(
+        f"\nGPU self-test summary ({summary['device']}): {summary['passed']} passed, {summary['failed']} failed, "
+        f"{summary['not_measured']} not measured"
+    )
     for step in steps:
-        print(f"  step {step['step']:<30} {step['status']:<8} {step['seconds']:>6.1f} s of {step['budget_s']} s"
-              + (f"  {step['note']}" if step.get("note") else ""))
+        print(
+            f"  step {step['step']:<30} {step['status']:<8} {step['seconds']:>6.1f} s of {step['budget_s']} s"
+            + (f"  {step['note']}" if step.get("note") else "")
+        )
     for t in targets:
         mark = {True: "PASS", False: "FAIL", None: "----"}[t["pass"]]
         measured = t["measured"]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 # The configs/ folder of a source checkout: presets are looked up there by name.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -269,7 +269,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     preset = CONFIG_DIR / f"{name_or_path}.toml"
     if not preset.exists():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
-        raise FileNotFoundError(f"no config file {name_or_path!r} and no preset {preset.name} in {CONFIG_DIR}; presets: {known}")
+        raise FileNotFoundError(
+            f"no config file {name_or_path!r} and no preset {preset.name} in {CONFIG_DIR}; presets: {known}"
+        )
     return preset
 
 

@@ -26,8 +26,11 @@ class DataError(RuntimeError):
 
 
 # What the loader reads from each entry of an instances json.
-_REQUIRED_FIELDS = {"images": ("id", "file_name"), "annotations": ("image_id", "category_id", "bbox"),
-                    "categories": ("id", "name")}
+_REQUIRED_FIELDS = {
+    "images": ("id", "file_name"),
+    "annotations": ("image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
 
 
 def _load_annotations(path: Path) -> dict:
@@ -76,8 +79,17 @@ class CocoDetection(Dataset):
     target keys boxes (n, 4) xyxy in resized pixels, labels (n,), image_id, scale (resized / original).
     """
 
-    def __init__(self, images, annotations, *, min_size: int, max_size: int, flip: float = 0.0,
-                 seed: int = 0, on_broken: str = "raise"):
+    def __init__(
+        self,
+        images,
+        annotations,
+        *,
+        min_size: int,
+        max_size: int,
+        flip: float = 0.0,
+        seed: int = 0,
+        on_broken: str = "raise",
+    ):
         if on_broken not in ("raise", "replace", "drop"):
             raise ValueError(f"on_broken must be 'raise', 'replace' or 'drop', got {on_broken!r}")
         self.images_dir = Path(images)
@@ -91,11 +103,15 @@ class CocoDetection(Dataset):
         per_image: dict = {image["id"]: [] for image in self.images}
         for ann in coco["annotations"]:
             if ann["image_id"] not in per_image:
-                raise DataError(f"annotation file {self.annotation_file}: annotation {ann.get('id')} names "
-                                f"image_id {ann['image_id']}, which is not in 'images'")
+                raise DataError(
+                    f"annotation file {self.annotation_file}: annotation {ann.get('id')} names "
+                    f"image_id {ann['image_id']}, which is not in 'images'"
+                )
             if ann["category_id"] not in self.label_of:
-                raise DataError(f"annotation file {self.annotation_file}: annotation {ann.get('id')} has "
-                                f"category_id {ann['category_id']}, which is not in 'categories'")
+                raise DataError(
+                    f"annotation file {self.annotation_file}: annotation {ann.get('id')} has "
+                    f"category_id {ann['category_id']}, which is not in 'categories'"
+                )
             per_image[ann["image_id"]].append(ann)
         self.annotations = per_image
         self._warned: set = set()
@@ -155,8 +171,12 @@ class CocoDetection(Dataset):
         if self.flip > 0 and np.random.default_rng([self.seed, epoch, index]).random() < self.flip:
             tensor = tensor.flip(-1)
             boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        target = {"boxes": boxes, "labels": labels, "image_id": int(self.images[index]["id"]),
-                  "scale": torch.tensor([scale_x, scale_y, scale_x, scale_y])}
+        target = {
+            "boxes": boxes,
+            "labels": labels,
+            "image_id": int(self.images[index]["id"]),
+            "scale": torch.tensor([scale_x, scale_y, scale_x, scale_y]),
+        }
         return tensor, target
 
 
@@ -201,8 +221,9 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def train_loader(dataset: CocoDetection, *, batch_size: int, num_workers: int, num_replicas: int, rank: int,
-                 seed: int) -> DataLoader:
+def train_loader(
+    dataset: CocoDetection, *, batch_size: int, num_workers: int, num_replicas: int, rank: int, seed: int
+) -> DataLoader:
     """A loader of full batches whose sampler is a ResumableSampler.
 
     The loader gets its own torch.Generator: without one, creating each epoch's iterator draws from
@@ -210,10 +231,18 @@ def train_loader(dataset: CocoDetection, *, batch_size: int, num_workers: int, n
     """
     sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, seed=seed, batch_size=batch_size)
     if len(sampler) < batch_size:
-        raise ValueError(f"{len(dataset)} training images over {num_replicas} process(es) do not fill a batch "
-                         f"of {batch_size}")
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=True, generator=torch.Generator().manual_seed(seed))
+        raise ValueError(
+            f"{len(dataset)} training images over {num_replicas} process(es) do not fill a batch of {batch_size}"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def steps_per_epoch(loader: DataLoader) -> int:
@@ -229,8 +258,16 @@ def eval_loader(dataset: CocoDetection, *, batch_size: int, num_workers: int, ma
 
 def build_dataset(files, split: str, data: DataConfig, *, seed: int = 0) -> CocoDetection:
     """The train split (with flips) or the val split (without) of a DatasetFiles."""
-    images, annotations = (files.train_images, files.train_annotations) if split == "train" else (
-        files.val_images, files.val_annotations)
+    images, annotations = (
+        (files.train_images, files.train_annotations) if split == "train" else (files.val_images, files.val_annotations)
+    )
     on_broken = "raise" if not data.skip_broken else "replace" if split == "train" else "drop"
-    return CocoDetection(images, annotations, min_size=data.min_size, max_size=data.max_size,
-                         flip=data.flip if split == "train" else 0.0, seed=seed, on_broken=on_broken)
+    return CocoDetection(
+        images,
+        annotations,
+        min_size=data.min_size,
+        max_size=data.max_size,
+        flip=data.flip if split == "train" else 0.0,
+        seed=seed,
+        on_broken=on_broken,
+    )

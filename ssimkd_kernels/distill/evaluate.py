@@ -45,9 +45,17 @@ def predict(model: nn.Module, loader, categories: list[dict], *, device, amp_dty
             image_ids.append(target["image_id"])
             boxes = output["boxes"].float().cpu() / target["scale"]  # back to the original image's pixels
             boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(boxes.tolist(), output["scores"].float().cpu().tolist(), output["labels"].tolist()):
-                detections.append({"image_id": target["image_id"], "category_id": categories[label - 1]["id"],
-                                   "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+            for box, score, label in zip(
+                boxes.tolist(), output["scores"].float().cpu().tolist(), output["labels"].tolist()
+            ):
+                detections.append(
+                    {
+                        "image_id": target["image_id"],
+                        "category_id": categories[label - 1]["id"],
+                        "bbox": [round(v, 3) for v in box],
+                        "score": round(score, 5),
+                    }
+                )
     return detections, image_ids
 
 
@@ -86,15 +94,25 @@ def coco_map(annotation_file, detections: list[dict], image_ids: list[int]) -> d
     return {name: (100.0 * float(v) if v >= 0 else None) for name, v in zip(METRICS, evaluator.stats[:6])}
 
 
-def evaluate_detector(model: nn.Module, dataset, *, batch_size: int, max_images: int = 0, device=None,
-                      amp_dtype=None, num_workers: int = 0, progress: bool = False) -> dict[str, float]:
+def evaluate_detector(
+    model: nn.Module,
+    dataset,
+    *,
+    batch_size: int,
+    max_images: int = 0,
+    device=None,
+    amp_dtype=None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
     """COCO metrics of model on a CocoDetection val dataset (see coco_map), plus "images"."""
     from .data import eval_loader
 
     device = device or next(model.parameters()).device
     loader = eval_loader(dataset, batch_size=batch_size, num_workers=num_workers, max_images=max_images)
-    detections, image_ids = predict(model, loader, dataset.categories, device=device, amp_dtype=amp_dtype,
-                                    progress=progress)
+    detections, image_ids = predict(
+        model, loader, dataset.categories, device=device, amp_dtype=amp_dtype, progress=progress
+    )
     metrics = coco_map(dataset.annotation_file, detections, image_ids)
     metrics["images"] = len(image_ids)
     return metrics
@@ -119,8 +137,8 @@ def run_eval(checkpoint, config_overrides=(), *, out_json=None, progress: bool =
     from .config import apply_overrides, from_dict, validate
     from .data import build_dataset
     from .models import load_detector
-    from .synthetic import ensure_dataset
     from .runtime import resolve_device
+    from .synthetic import ensure_dataset
 
     device = resolve_device("auto")
     model, saved = load_detector(checkpoint, device)
@@ -129,9 +147,18 @@ def run_eval(checkpoint, config_overrides=(), *, out_json=None, progress: bool =
     files = ensure_dataset(config.data, progress=progress)
     dataset = build_dataset(files, "val", config.data)
     if [c["id"] for c in dataset.categories] != [c["id"] for c in saved["categories"]]:
-        raise ValueError(f"the categories of {files.val_annotations} differ from those the model in {checkpoint} was trained on")
-    metrics = evaluate_detector(model, dataset, batch_size=config.eval.batch_size, max_images=config.eval.max_images,
-                                device=device, num_workers=config.data.num_workers, progress=progress)
+        raise ValueError(
+            f"the categories of {files.val_annotations} differ from those the model in {checkpoint} was trained on"
+        )
+    metrics = evaluate_detector(
+        model,
+        dataset,
+        batch_size=config.eval.batch_size,
+        max_images=config.eval.max_images,
+        device=device,
+        num_workers=config.data.num_workers,
+        progress=progress,
+    )
     if out_json:
         Path(out_json).write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -69,19 +69,37 @@ class FeatureDistanceLoss(nn.Module):
         return total
 
 
-def build_feature_loss(kd: KDConfig, *, student_channels: int, teacher_channels: int, num_levels: int) -> nn.Module | None:
+def build_feature_loss(
+    kd: KDConfig, *, student_channels: int, teacher_channels: int, num_levels: int
+) -> nn.Module | None:
     """The unweighted feature loss of kd.mode (lambda is applied by the trainer), or None for "none"."""
     if kd.mode == "none":
         return None
     if kd.mode in ("l2", "l1"):
-        return FeatureDistanceLoss(kd.mode, student_channels=student_channels, teacher_channels=teacher_channels,
-                                   num_levels=num_levels, adapter=kd.adapter)
+        return FeatureDistanceLoss(
+            kd.mode,
+            student_channels=student_channels,
+            teacher_channels=teacher_channels,
+            num_levels=num_levels,
+            adapter=kd.adapter,
+        )
     return SSIMKDLoss(
-        loss_weight=1.0, student_channels=student_channels, teacher_channels=teacher_channels,
-        adapter=kd.adapter, num_levels=num_levels,
-        normalize=kd.normalize, padding=kd.padding, exponents=tuple(kd.exponents), clamp=kd.clamp,
-        level_weights=list(kd.level_weights) or None, backend=kd.backend, window_size=kd.window_size,
-        sigma=kd.sigma, data_range=kd.data_range, k1=kd.k1, k2=kd.k2,
+        loss_weight=1.0,
+        student_channels=student_channels,
+        teacher_channels=teacher_channels,
+        adapter=kd.adapter,
+        num_levels=num_levels,
+        normalize=kd.normalize,
+        padding=kd.padding,
+        exponents=tuple(kd.exponents),
+        clamp=kd.clamp,
+        level_weights=list(kd.level_weights) or None,
+        backend=kd.backend,
+        window_size=kd.window_size,
+        sigma=kd.sigma,
+        data_range=kd.data_range,
+        k1=kd.k1,
+        k2=kd.k2,
     )
 
 

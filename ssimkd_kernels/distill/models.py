@@ -61,7 +61,9 @@ def build_backbone(model: ModelConfig) -> nn.Module:
         # torchvision fixes the FPN width at 256; a narrower FPN (the CPU presets) keeps the same
         # ResNet stages and replaces only the pyramid on top of them.
         in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
-        backbone.fpn = FeaturePyramidNetwork(in_channels, model.fpn_channels, extra_blocks=extra_blocks(model.fpn_channels))
+        backbone.fpn = FeaturePyramidNetwork(
+            in_channels, model.fpn_channels, extra_blocks=extra_blocks(model.fpn_channels)
+        )
         backbone.out_channels = model.fpn_channels
     return backbone
 
@@ -86,29 +88,45 @@ def build_detector(model: ModelConfig, num_classes: int, *, min_size: int, max_s
         )
         head = None  # torchvision's default head (v1 recipe)
         if model.head_norm == "group":  # torchvision's v2 recipe: GroupNorm in the heads' convs
-            head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
-                                 norm_layer=_group_norm)
+            head = RetinaNetHead(
+                backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=_group_norm
+            )
         return RetinaNet(
-            backbone, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchors, head=head,
-            score_thresh=model.score_threshold, nms_thresh=model.nms_threshold,
+            backbone,
+            num_classes,
+            min_size=min_size,
+            max_size=max_size,
+            anchor_generator=anchors,
+            head=head,
+            score_thresh=model.score_threshold,
+            nms_thresh=model.nms_threshold,
             detections_per_img=model.detections_per_image,
         )
     anchors = AnchorGenerator(tuple((s,) for s in model.anchor_sizes), (ASPECT_RATIOS,) * len(model.anchor_sizes))
     resolution = 7  # MultiScaleRoIAlign output size of torchvision's default box_roi_pool
     channels = backbone.out_channels
     if model.head_norm == "group":  # as torchvision's v2 recipe (4 normalised convs, one FC), with GroupNorm
-        box_head = FastRCNNConvFCHead((channels, resolution, resolution), [channels] * 4, [model.box_head_dim],
-                                      norm_layer=_group_norm)
+        box_head = FastRCNNConvFCHead(
+            (channels, resolution, resolution), [channels] * 4, [model.box_head_dim], norm_layer=_group_norm
+        )
     else:
         box_head = TwoMLPHead(channels * resolution**2, model.box_head_dim)
     return FasterRCNN(
-        backbone, None, min_size=min_size, max_size=max_size, rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=model.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=model.rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=model.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=model.rpn_post_nms_top_n_test,
+        backbone,
+        None,
+        min_size=min_size,
+        max_size=max_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=model.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=model.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=model.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=model.rpn_post_nms_top_n_test,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(model.box_head_dim, num_classes),
-        box_score_thresh=model.score_threshold, box_nms_thresh=model.nms_threshold,
-        box_detections_per_img=model.detections_per_image, box_batch_size_per_image=model.box_batch_size_per_image,
+        box_score_thresh=model.score_threshold,
+        box_nms_thresh=model.nms_threshold,
+        box_detections_per_img=model.detections_per_image,
+        box_batch_size_per_image=model.box_batch_size_per_image,
     )
 
 
@@ -131,8 +149,9 @@ def load_detector(path, device="cpu") -> tuple[nn.Module, dict]:
     if not isinstance(saved, dict) or not {"model", "config", "categories"} <= set(saved):
         raise ValueError(f"{path} is not a ssimkd detector checkpoint (needs model, config and categories)")
     config = from_dict(saved["config"])
-    model = build_detector(config.model, len(saved["categories"]) + 1,
-                           min_size=config.data.min_size, max_size=config.data.max_size)
+    model = build_detector(
+        config.model, len(saved["categories"]) + 1, min_size=config.data.min_size, max_size=config.data.max_size
+    )
     model.load_state_dict(saved["model"])
     return model.to(device).eval(), saved
 

@@ -49,8 +49,13 @@ def plot_demo(results: dict, png) -> None:
     for x, mode in enumerate(modes):
         per_seed = results["modes"][mode]["AP_per_seed"]
         ax.scatter([x] * len(per_seed), per_seed, color="black", s=12, zorder=3)
-    ax.axhline(results["teacher"]["AP"], color="black", linestyle="--", linewidth=1,
-               label=f"teacher R{results['teacher']['depth']} ({results['teacher']['AP']:.1f})")
+    ax.axhline(
+        results["teacher"]["AP"],
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"teacher R{results['teacher']['depth']} ({results['teacher']['AP']:.1f})",
+    )
     ax.set_ylabel("COCO AP (val)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"student R{results['student_depth']}, {len(results['seeds'])} seed(s), preset {results['preset']}")

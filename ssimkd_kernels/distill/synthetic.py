@@ -63,7 +63,9 @@ def _regular(n: int, radii=(1.0,), start: float = 90.0) -> np.ndarray:
 
 def _cross(arm: float = 0.34) -> np.ndarray:
     a = arm
-    return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]])
+    return np.array(
+        [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]]
+    )
 
 
 # Unit outlines of the polygon shapes; circle and ring are ellipses drawn separately.
@@ -250,24 +252,39 @@ def write_split(folder: Path, split: str, count: int, config: SyntheticConfig, p
         image.save(images_dir / file_name, quality=JPEG_QUALITY)
         images.append({"id": index + 1, "file_name": file_name, "width": image.width, "height": image.height})
         for obj in objects:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index + 1, "category_id": category_id[obj["class"]],
-                "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": category_id[obj["class"]],
+                    "bbox": obj["bbox"],
+                    "area": obj["area"],
+                    "iscrowd": 0,
+                }
+            )
     annotation_file = folder / "annotations" / f"instances_{split}.json"
     annotation_file.parent.mkdir(parents=True, exist_ok=True)
-    info = {"description": "ssimkd synthetic shapes", "generator_version": GENERATOR_VERSION,
-            "config": dataclasses.asdict(config)}
-    annotation_file.write_text(json.dumps(
-        {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
-    ))
+    info = {
+        "description": "ssimkd synthetic shapes",
+        "generator_version": GENERATOR_VERSION,
+        "config": dataclasses.asdict(config),
+    }
+    annotation_file.write_text(
+        json.dumps(
+            {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+        )
+    )
     return annotation_file
 
 
 def files_of(folder: Path) -> DatasetFiles:
     folder = Path(folder)
-    return DatasetFiles(folder / "train", folder / "annotations" / "instances_train.json",
-                        folder / "val", folder / "annotations" / "instances_val.json")
+    return DatasetFiles(
+        folder / "train",
+        folder / "annotations" / "instances_train.json",
+        folder / "val",
+        folder / "annotations" / "instances_val.json",
+    )
 
 
 def make_dataset(folder: Path, config: SyntheticConfig, progress: bool = False, replace: bool = False) -> DatasetFiles:
@@ -318,8 +335,9 @@ def ensure_dataset(data: DataConfig, progress: bool = False) -> DatasetFiles:
         FileNotFoundError: a configured COCO path does not exist (the message names it).
     """
     if data.source == "coco":
-        files = DatasetFiles(Path(data.train_images), Path(data.train_annotations),
-                             Path(data.val_images), Path(data.val_annotations))
+        files = DatasetFiles(
+            Path(data.train_images), Path(data.train_annotations), Path(data.val_images), Path(data.val_annotations)
+        )
         for name, path in dataclasses.asdict(files).items():
             if not Path(path).exists():
                 raise FileNotFoundError(f"data.{name}: {path} does not exist")

@@ -49,7 +49,11 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
         elif enabled and resume_step is None:
             path.write_text("")
@@ -96,8 +100,12 @@ def _build(config: Config, runtime: Runtime, categories: list[dict]):
         teacher, _ = load_detector(config.kd.teacher)
         freeze(teacher)
         levels = len(config.model.anchor_sizes)
-        feature_loss = build_feature_loss(config.kd, student_channels=student.backbone.out_channels,
-                                          teacher_channels=teacher.backbone.out_channels, num_levels=levels)
+        feature_loss = build_feature_loss(
+            config.kd,
+            student_channels=student.backbone.out_channels,
+            teacher_channels=teacher.backbone.out_channels,
+            num_levels=levels,
+        )
     distiller = Distiller(student, feature_loss, teacher).to(runtime.device)
     if teacher is not None:
         teacher.to(runtime.device)
@@ -108,8 +116,9 @@ def _build(config: Config, runtime: Runtime, categories: list[dict]):
     return distiller, model
 
 
-def _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, categories, runtime,
-                      rng: dict | None = None) -> dict | None:
+def _checkpoint_state(
+    step, distiller, optimizer, scheduler, scaler, config, categories, runtime, rng: dict | None = None
+) -> dict | None:
     """The full training state (on the main process; None elsewhere). RNG states of all processes are
     gathered: this process's current ones, or rng when given."""
     rng = rng if rng is not None else capture_rng()
@@ -122,10 +131,16 @@ def _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, cat
     if not runtime.is_main:
         return None
     return {
-        "step": step, "model": distiller.student.state_dict(), "config": to_dict(config), "categories": categories,
+        "step": step,
+        "model": distiller.student.state_dict(),
+        "config": to_dict(config),
+        "categories": categories,
         "feature_loss": distiller.feature_loss.state_dict() if distiller.feature_loss is not None else None,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng": rng, "world_size": runtime.world_size,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng,
+        "world_size": runtime.world_size,
     }
 
 
@@ -176,8 +191,9 @@ def train(config: Config, *, resume=None) -> dict:
     dataset = build_dataset(files, "train", config.data, seed=config.train.seed)
     distiller, model = _build(config, runtime, dataset.categories)
     params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.train.lr, momentum=config.train.momentum,
-                                weight_decay=config.train.weight_decay)
+    optimizer = torch.optim.SGD(
+        params, lr=config.train.lr, momentum=config.train.momentum, weight_decay=config.train.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config.train))
     dtype = amp_dtype(config.train.amp, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=dtype == torch.float16)
@@ -189,8 +205,10 @@ def train(config: Config, *, resume=None) -> dict:
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=True)
         if state.get("world_size", 1) != runtime.world_size:
-            raise ValueError(f"{resume} was written by {state.get('world_size')} processes; resuming with "
-                             f"{runtime.world_size} would change the data order")
+            raise ValueError(
+                f"{resume} was written by {state.get('world_size')} processes; resuming with "
+                f"{runtime.world_size} would change the data order"
+            )
         distiller.student.load_state_dict(state["model"])
         if distiller.feature_loss is not None and state["feature_loss"] is not None:
             distiller.feature_loss.load_state_dict(state["feature_loss"])
@@ -204,8 +222,14 @@ def train(config: Config, *, resume=None) -> dict:
         save_config(config, out / "config.toml")
     log = MetricsLog(out / "metrics.jsonl", runtime.is_main, step if resume is not None else None)
 
-    loader = train_loader(dataset, batch_size=config.train.batch_size, num_workers=config.data.num_workers,
-                          num_replicas=runtime.world_size, rank=runtime.rank, seed=config.train.seed)
+    loader = train_loader(
+        dataset,
+        batch_size=config.train.batch_size,
+        num_workers=config.data.num_workers,
+        num_replicas=runtime.world_size,
+        rank=runtime.rank,
+        seed=config.train.seed,
+    )
     per_epoch = steps_per_epoch(loader)
     end = config.train.steps if not config.train.stop_at else min(config.train.stop_at, config.train.steps)
     bar = None
@@ -238,14 +262,17 @@ def train(config: Config, *, resume=None) -> dict:
                 # Undo the step's forward; weights and optimizer are untouched: save the state after the last good step.
                 if buffers:
                     torch._foreach_copy_(buffers, buffers_before)
-                state = _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, dataset.categories,
-                                          runtime, rng=rng_before)
+                state = _checkpoint_state(
+                    step, distiller, optimizer, scheduler, scaler, config, dataset.categories, runtime, rng=rng_before
+                )
                 if state is not None:
                     atomic_save(state, out / "checkpoint.pt")
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (detection {det_loss.item():.4g}"
-                                         f"{'' if feature_loss is None else f', feature {feature_loss.item():.4g}'}) "
-                                         f"on rank {runtime.rank} or another; the last good state (step {step}) is in "
-                                         f"{out / 'checkpoint.pt'}. Try a lower train.lr or a longer warm-up")
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {step + 1} (detection {det_loss.item():.4g}"
+                    f"{'' if feature_loss is None else f', feature {feature_loss.item():.4g}'}) "
+                    f"on rank {runtime.rank} or another; the last good state (step {step}) is in "
+                    f"{out / 'checkpoint.pt'}. Try a lower train.lr or a longer warm-up"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             grad_norm = None
@@ -285,7 +312,9 @@ def train(config: Config, *, resume=None) -> dict:
                     shown = {k: f"{last[k]:.3f}" for k in ("loss", "loss_det", "loss_feat") if k in last}
                     bar.set_postfix(shown, refresh=False)
             if checkpoint_now or stopping:
-                state = _checkpoint_state(step, distiller, optimizer, scheduler, scaler, config, dataset.categories, runtime)
+                state = _checkpoint_state(
+                    step, distiller, optimizer, scheduler, scaler, config, dataset.categories, runtime
+                )
                 if state is not None:
                     atomic_save(state, out / "checkpoint.pt")
             if bar is not None:
@@ -312,9 +341,14 @@ def _finish(config: Config, distiller: Distiller, out: Path, last: dict, step_ti
 
     plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png", title=out.name)
     # Mean step time without the first steps, which include warm-up of allocators and kernels.
-    settled = step_times[min(len(step_times) // 5, 10):] or step_times
-    summary = {"out": str(out), "steps": config.train.steps, "kd_mode": config.kd.mode, "last": last,
-               "time_step": sum(settled) / max(len(settled), 1)}
+    settled = step_times[min(len(step_times) // 5, 10) :] or step_times
+    summary = {
+        "out": str(out),
+        "steps": config.train.steps,
+        "kd_mode": config.kd.mode,
+        "last": last,
+        "time_step": sum(settled) / max(len(settled), 1),
+    }
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     for key in ("time_teacher", "time_feat_fwd"):
         seen = [r[key] for r in records if key in r]
@@ -323,10 +357,16 @@ def _finish(config: Config, distiller: Distiller, out: Path, last: dict, step_ti
     if config.eval.after_train:
         files = ensure_dataset(config.data)
         val = build_dataset(files, "val", config.data)
-        metrics = evaluate_detector(distiller.student, val, batch_size=config.eval.batch_size,
-                                    max_images=config.eval.max_images, device=runtime.device,
-                                    amp_dtype=amp_dtype(config.train.amp, runtime.device),
-                                    num_workers=config.data.num_workers, progress=config.train.progress)
+        metrics = evaluate_detector(
+            distiller.student,
+            val,
+            batch_size=config.eval.batch_size,
+            max_images=config.eval.max_images,
+            device=runtime.device,
+            amp_dtype=amp_dtype(config.train.amp, runtime.device),
+            num_workers=config.data.num_workers,
+            progress=config.train.progress,
+        )
         summary["eval"] = metrics
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": config.train.steps, "eval": metrics}) + "\n")
@@ -360,4 +400,3 @@ def run_train(config_path=None, overrides=(), *, resume=None) -> dict:
         validate(config)
         return train(config, resume=resume)
     return train(load_config(config_path, overrides))
-

@@ -23,11 +23,11 @@ import os
 import warnings
 
 import torch
+from mmdet.models.detectors.base import BaseDetector
+from mmdet.registry import MODELS
 from mmengine.config import Config, ConfigDict
 from mmengine.hub import get_config
 from mmengine.runner.checkpoint import load_checkpoint
-from mmdet.models.detectors.base import BaseDetector
-from mmdet.registry import MODELS
 from torch import Tensor
 
 from ..loss import SSIMKDLoss
@@ -149,7 +149,9 @@ class SSIMKDDistiller(BaseDetector):
         finally:
             handle.remove()
         if len(student_feats) != 1:
-            raise RuntimeError(f"the student's feature module ran {len(student_feats)} times in one loss pass, expected once")
+            raise RuntimeError(
+                f"the student's feature module ran {len(student_feats)} times in one loss pass, expected once"
+            )
         losses["loss_ssimkd"] = self.distill_loss(list(student_feats[0]), list(teacher_feats))
         return losses
 
@@ -171,7 +173,10 @@ def _register_all() -> None:
     try:
         from mmrazor.registry import MODELS as RAZOR_MODELS
     except Exception as error:  # an mmrazor that does not import must not break the mmdet adapter
-        warnings.warn(f"mmrazor is installed but does not import ({error!r}); SSIMKDLoss is registered for mmdet only")
+        warnings.warn(
+            f"mmrazor is installed but does not import ({error!r}); SSIMKDLoss is registered for mmdet only",
+            stacklevel=2,
+        )
         return
     _register(RAZOR_MODELS, SSIMKDLoss)
 
