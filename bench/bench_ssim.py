@@ -62,6 +62,11 @@ def project_candidates(device: torch.device, workload: str) -> dict:
     if workload == "image":
         compiled = torch.compile(lambda x, y: 1 - ssim_map_reference(x, y, padding="zero").mean(), dynamic=False)
         found["reference+compile"] = lambda s, t: compiled(s[0], t[0])
+        # The image entry points as their users call them (backend "auto"): fused-ssim's call, the 3DGS
+        # loss, MS-SSIM (peers: pytorch-msssim's ssim and ms_ssim, L1 + its ssim).
+        found["sk.fused_ssim"] = lambda s, t: 1 - sk.fused_ssim(s[0], t[0], padding="same")
+        found["sk.l1_ssim_loss"] = lambda s, t: sk.l1_ssim_loss(s[0], t[0], ssim_weight=0.2)
+        found["sk.ms_ssim"] = lambda s, t: 1 - sk.ms_ssim(s[0], t[0], data_range=1.0)
     else:
         compiled = torch.compile(ssim_kd_loss_reference, dynamic=False)
         found["reference+compile"] = lambda s, t: compiled(s, t)

@@ -68,6 +68,26 @@ PEERS = {
 }
 
 
+def _image_entry_point_peers(device: torch.device) -> dict:
+    """Peers of sk.ms_ssim and sk.l1_ssim_loss on the "image" workload (pytorch-msssim's, as users
+    call them: data_range 1, its 11x11 window)."""
+    if device.type not in ("cpu", "cuda"):
+        return {}
+    try:
+        module = importlib.import_module("pytorch_msssim")
+    except ImportError:
+        return {}
+
+    def l1_ssim(students, teachers):
+        x, y = students[0], teachers[0]
+        return 0.8 * (x - y).abs().mean() + 0.2 * (1 - module.ssim(x, y, data_range=1.0))
+
+    return {
+        "pytorch_msssim.ms_ssim": lambda s, t: 1 - module.ms_ssim(s[0], t[0], data_range=1.0),
+        "L1 + pytorch_msssim.ssim": l1_ssim,
+    }
+
+
 def peer_candidates(device: torch.device, workload: str) -> dict:
     found = {}
     for name, (factory, devices) in PEERS.items():
@@ -78,4 +98,6 @@ def peer_candidates(device: torch.device, workload: str) -> dict:
         except Exception:  # not installed, or does not import here
             continue
         found[name] = _image_loss(ssim_fn) if workload == "image" else _kd_loss(ssim_fn)
+    if workload == "image":
+        found.update(_image_entry_point_peers(device))
     return found
