@@ -24,14 +24,40 @@
 namespace ssimkd {
 namespace {
 
-// Scalar options shared by both directions.
+// The fused ops' scalar options, in schema order: the one list that Options, the ops' parameters, their
+// schema and the autograd's saved state are generated from (Python: KernelOptions in ops.py; a test checks
+// that the two schemas agree). X(C++ type, name, schema type).
+#define SSIMKD_FUSED_OPTIONS(X) \
+  X(int64_t, window_size, "int") \
+  X(double, sigma, "float")      \
+  X(double, c1, "float")         \
+  X(double, c2, "float")         \
+  X(int64_t, padding, "int")     \
+  X(double, alpha, "float")      \
+  X(double, beta, "float")       \
+  X(double, gamma, "float")      \
+  X(bool, clamp, "bool")
+
+// Expansions: ", int64_t window_size, double sigma, ..." (parameters); ", window_size, sigma, ..."
+// (arguments); ", o.window_size, o.sigma, ..." (an Options o's fields as arguments); ", int64_t, double,
+// ..." (a signature's types); "window_size, sigma, ...," (Options's initialiser); ", int window_size,
+// float sigma, ..." (the schema).
+#define SSIMKD_OPTION_PARAM(type, name, schema) , type name
+#define SSIMKD_OPTION_ARG(type, name, schema) , name
+#define SSIMKD_OPTION_MEMBER(type, name, schema) , o.name
+#define SSIMKD_OPTION_TYPE(type, name, schema) , type
+#define SSIMKD_OPTION_INIT(type, name, schema) name,
+#define SSIMKD_OPTION_SCHEMA(type, name, schema) ", " schema " " #name
+
 struct Options {
-  int64_t window;
-  double sigma, c1, c2;
-  int64_t padding;
-  double alpha, beta, gamma;
-  bool clamp;
+#define SSIMKD_OPTION_FIELD(type, name, schema) type name;
+  SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_FIELD)
+#undef SSIMKD_OPTION_FIELD
 };
+
+#define SSIMKD_OPTION_ONE(type, name, schema) +1
+constexpr int kOptionCount = 0 SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ONE);
+#undef SSIMKD_OPTION_ONE
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -49,8 +75,8 @@ void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines
                   const Options& o) {
   TORCH_CHECK(!xs.empty(), "ssimkd: at least one level is required");
   TORCH_CHECK(xs.size() == ys.size(), "ssimkd: ", xs.size(), " student levels vs ", ys.size(), " teacher levels");
-  TORCH_CHECK(o.window % 2 == 1 && o.window >= kMinWindow && o.window <= kMaxWindow,
-              "ssimkd: window_size must be odd and in [", kMinWindow, ", ", kMaxWindow, "], got ", o.window);
+  TORCH_CHECK(o.window_size % 2 == 1 && o.window_size >= kMinWindow && o.window_size <= kMaxWindow,
+              "ssimkd: window_size must be odd and in [", kMinWindow, ", ", kMaxWindow, "], got ", o.window_size);
   TORCH_CHECK(o.padding >= kReflect && o.padding <= kValid, "ssimkd: unknown padding code ", o.padding);
   TORCH_CHECK(o.sigma > 0, "ssimkd: sigma must be > 0, got ", o.sigma);
   const auto dtype = xs[0].scalar_type();
@@ -67,8 +93,8 @@ void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines
     TORCH_CHECK(x.device() == xs[0].device() && y.device() == xs[0].device(), "ssimkd: level ", l,
                 ": every tensor must be on ", xs[0].device());
     if (o.padding == kValid) {
-      TORCH_CHECK(x.size(2) >= o.window && x.size(3) >= o.window, "ssimkd: level ", l, ": padding 'valid' needs planes of at least ",
-                  o.window, "x", o.window, ", got ", x.size(2), "x", x.size(3));
+      TORCH_CHECK(x.size(2) >= o.window_size && x.size(3) >= o.window_size, "ssimkd: level ", l, ": padding 'valid' needs planes of at least ",
+                  o.window_size, "x", o.window_size, ", got ", x.size(2), "x", x.size(3));
     }
   }
   for (auto* affines : {&x_affines, &y_affines}) {
@@ -96,8 +122,8 @@ FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affin
   FusedArgs a{};
   a.num_levels = int(end - begin);
   a.dtype = to_dtype(xs[0].scalar_type());
-  a.window = int(o.window);
-  a.radius = int(o.window / 2);
+  a.window = int(o.window_size);
+  a.radius = int(o.window_size / 2);
   a.padding = int(o.padding);
   a.tile_h = tile.h;
   a.tile_w = tile.w;
@@ -194,14 +220,13 @@ void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
   backward ? ssim_bwd_cpu(args) : ssim_fwd_cpu(args);
 }
 
-int64_t output_size(int64_t n, const Options& o) { return output_extent(n, int(o.window / 2), int(o.padding)); }
+int64_t output_size(int64_t n, const Options& o) { return output_extent(n, int(o.window_size / 2), int(o.padding)); }
 
 template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
     at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
-    at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1, double c2, int64_t padding, double alpha, double beta, double gamma, bool clamp,
-    bool write_map) {
-  const Options o{window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp};
+    at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool write_map) {
+  const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_INIT)};
   check_inputs(xs, ys, x_affines, y_affines, o);
   const c10::OptionalDeviceGuard guard(xs[0].device());
   const auto acc_opts = xs[0].options().dtype(accumulation_type(xs[0].scalar_type()));
@@ -238,10 +263,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
 template <Target target>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::TensorList xs, at::TensorList ys,
-               at::TensorList x_affines, at::TensorList y_affines, at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1,
-               double c2, int64_t padding, double alpha, double beta, double gamma, bool clamp, bool x_needs_grad,
+               at::TensorList x_affines, at::TensorList y_affines,
+               at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool x_needs_grad,
                bool y_needs_grad) {
-  const Options o{window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp};
+  const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_INIT)};
   check_inputs(xs, ys, x_affines, y_affines, o);
   TORCH_CHECK(level_scales.size() == xs.size(), "ssimkd: one level scale per level is required");
   const auto acc = accumulation_type(xs[0].scalar_type());
@@ -436,12 +461,12 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using FwdSignature = std::tuple<at::Tensor, std::vector<at::Tensor>>(
-    at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::ArrayRef<double>, int64_t, double, double,
-    double, int64_t, double, double, double, bool, bool);
+    at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+    at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool);
 using BwdSignature =
     std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
         const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-        at::ArrayRef<double>, int64_t, double, double, double, int64_t, double, double, double, bool, bool, bool);
+        at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool, bool);
 
 // Autograd saves its inputs with save_for_backward, which refuses tensors made under
 // torch.inference_mode() (a teacher's features, typically) since they have no version counter. Such
@@ -494,26 +519,26 @@ struct FusedOps {
   }
 };
 
-// Non-tensor arguments of fused_ssim_fwd after the four tensor lists: level_scales, the nine scalar
-// options and write_map. Their gradient slots are empty.
-constexpr int kFwdNonTensorArgs = 11;
+// Non-tensor arguments of fused_ssim_fwd after the four tensor lists: level_scales, the scalar options
+// and write_map. Their gradient slots are empty.
+constexpr int kFwdNonTensorArgs = 1 + kOptionCount + 1;
 
 template <Target target>
 class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<target>> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList xs, at::TensorList ys, at::TensorList x_affines,
-                               at::TensorList y_affines, at::ArrayRef<double> level_scales, int64_t window_size,
-                               double sigma, double c1, double c2, int64_t padding, double alpha, double beta,
-                               double gamma, bool clamp, bool write_map) {
+                               at::TensorList y_affines,
+                               at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
+                               bool write_map) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [losses, maps] = FusedOps<target>::forward().call(xs, ys, x_affines, y_affines, level_scales, window_size,
-                                                           sigma, c1, c2, padding, alpha, beta, gamma, clamp,
-                                                           write_map);
+    auto [losses, maps] = FusedOps<target>::forward().call(
+        xs, ys, x_affines, y_affines, level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
     ctx->saved_data["level_scales"] = level_scales.vec();
-    ctx->saved_data["ints"] = std::vector<int64_t>{window_size, padding, int64_t(xs.size()),
-                                                   int64_t(x_affines.size()), int64_t(y_affines.size())};
-    ctx->saved_data["floats"] = std::vector<double>{sigma, c1, c2, alpha, beta, gamma};
-    ctx->saved_data["clamp"] = clamp;
+#define SSIMKD_SAVE_OPTION(type, name, schema) ctx->saved_data[#name] = name;
+    SSIMKD_FUSED_OPTIONS(SSIMKD_SAVE_OPTION)
+#undef SSIMKD_SAVE_OPTION
+    ctx->saved_data["counts"] =
+        std::vector<int64_t>{int64_t(xs.size()), int64_t(x_affines.size()), int64_t(y_affines.size())};
     ctx->saved_data["write_map"] = write_map;
     variable_list saved;
     for (at::TensorList list : {xs, ys, x_affines, y_affines}) saved.insert(saved.end(), list.begin(), list.end());
@@ -524,11 +549,13 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto ints = ctx->saved_data["ints"].toIntVector();
-    const auto floats = ctx->saved_data["floats"].toDoubleVector();
+#define SSIMKD_LOAD_OPTION(type, name, schema) ctx->saved_data[#name].to<type>(),
+    const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_LOAD_OPTION)};
+#undef SSIMKD_LOAD_OPTION
     const auto level_scales = ctx->saved_data["level_scales"].toDoubleVector();
-    const bool clamp = ctx->saved_data["clamp"].toBool(), write_map = ctx->saved_data["write_map"].toBool();
-    const int64_t window_size = ints[0], padding = ints[1], levels = ints[2], n_xa = ints[3], n_ya = ints[4];
+    const bool write_map = ctx->saved_data["write_map"].toBool();
+    const auto counts = ctx->saved_data["counts"].toIntVector();
+    const int64_t levels = counts[0], n_xa = counts[1], n_ya = counts[2];
     const variable_list saved = saved_inputs(ctx);
     const at::TensorList xs(saved.data(), levels), ys(saved.data() + levels, levels);
     const at::TensorList x_affines(saved.data() + 2 * levels, n_xa), y_affines(saved.data() + 2 * levels + n_xa, n_ya);
@@ -549,8 +576,8 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
       for (int64_t l = 0; l < levels; ++l) grad_maps.push_back(grads[1 + l].to(acc).contiguous());
     }
     auto [gxs, gys, gxa, gya] = FusedOps<target>::backward().call(
-        grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, window_size, floats[0], floats[1],
-        floats[2], padding, floats[3], floats[4], floats[5], clamp, x_needs, y_needs);
+        grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_MEMBER),
+        x_needs, y_needs);
     auto place = [&](const std::vector<at::Tensor>& computed, int64_t first) {
       for (size_t i = 0; i < computed.size(); ++i) out[first + i] = computed[i];
     };
@@ -569,11 +596,9 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
 template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd_autograd(
     at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
-    at::ArrayRef<double> level_scales, int64_t window_size, double sigma, double c1, double c2, int64_t padding,
-    double alpha, double beta, double gamma, bool clamp, bool write_map) {
-  const variable_list out = FusedSsimFunction<target>::apply(xs, ys, x_affines, y_affines, level_scales, window_size,
-                                                             sigma, c1, c2, padding, alpha, beta, gamma, clamp,
-                                                             write_map);
+    at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool write_map) {
+  const variable_list out = FusedSsimFunction<target>::apply(
+      xs, ys, x_affines, y_affines, level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
   return {out[0], std::vector<at::Tensor>(out.begin() + 1, out.end())};
 }
 
@@ -643,13 +668,11 @@ void cuda_emulated_plant_bug_op(std::string bug, std::string site, int64_t value
 
 // One schema for every implementation, after the op's name.
 constexpr const char* kFwdSchema =
-    "(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, float[] level_scales, int window_size, "
-    "float sigma, float c1, float c2, int padding, float alpha, float beta, float gamma, bool clamp, "
-    "bool write_map) -> (Tensor, Tensor[])";
+    "(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, float[] level_scales" SSIMKD_FUSED_OPTIONS(
+        SSIMKD_OPTION_SCHEMA) ", bool write_map) -> (Tensor, Tensor[])";
 constexpr const char* kBwdSchema =
     "(Tensor grad_losses, Tensor[] grad_maps, Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, "
-    "float[] level_scales, int window_size, float sigma, float c1, float c2, int padding, float alpha, "
-    "float beta, float gamma, bool clamp, bool x_needs_grad, bool y_needs_grad) "
+    "float[] level_scales" SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_SCHEMA) ", bool x_needs_grad, bool y_needs_grad) "
     "-> (Tensor[], Tensor[], Tensor[], Tensor[])";
 
 TORCH_LIBRARY(ssimkd, m) {
