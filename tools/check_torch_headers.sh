@@ -6,12 +6,12 @@
 #
 # The torch wheel (cp312, manylinux x86-64) is downloaded once, only its include/ folder is unpacked to
 # $TORCH_HEADERS_CACHE/torch-<version>/include (default under ${TMPDIR:-/tmp}), and the wheel is deleted.
-# Each source is compiled with -c (no link) with setup.py's own flags (read from setup.py) and the defines
+# Each source is compiled with -c (no link) with the build's own flags (ssimkd_kernels/_build.py) and the defines
 # torch's extension builder adds: .cpp with the host compiler (both with and without SSIMKD_WITH_CUDA:
 # the CUDA build and the CPU-only build), .cu with nvcc for $ARCH (default sm_90), whose ptxas report
 # (registers, spills) is printed. Rerun it after csrc/ changes: it compiles whatever csrc holds.
 #
-# Environment: PYTHON (runs pip and reads setup.py; default python3), CXX (default c++), NVCC (default
+# Environment: PYTHON (runs pip and reads the build recipe; default python3), CXX (default c++), NVCC (default
 # nvcc), ARCH (default 90), PYTHON_INCLUDE (Python.h's folder; default: python3.12's if installed, else
 # PYTHON's), JOBS (parallel compiles; default 1: the checks are for correctness, not speed),
 # LOG_DIR (default $TORCH_HEADERS_CACHE/logs-<version>).
@@ -51,21 +51,18 @@ if [ ! -f "$HEADERS/include/torch/library.h" ]; then
 fi
 INC="$HEADERS/include"
 
-# ---- 2. flags: setup.py's, plus what torch.utils.cpp_extension adds ----------------------------------
-read_setup_list() {  # the literal list assigned to $1 in setup.py, space-separated
+# ---- 2. flags: the build recipe's (ssimkd_kernels/_build.py, which setup.py uses), plus torch's --------
+read_build_flags() {  # the list $1 of the recipe, space-separated (the recipe is stdlib-only: no torch needed)
     "$PYTHON" - "$1" <<'EOF'
-import ast, sys
-tree = ast.parse(open("setup.py").read())
-for node in ast.walk(tree):
-    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == sys.argv[1] for t in node.targets):
-        print(" ".join(ast.literal_eval(node.value)))
-        break
-else:
-    sys.exit(f"setup.py assigns no {sys.argv[1]}")
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_ssimkd_build", "ssimkd_kernels/_build.py")
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+print(" ".join(getattr(recipe, sys.argv[1])))
 EOF
 }
-CXX_FLAGS=$(read_setup_list CXX_FLAGS) || exit 1
-NVCC_FLAGS=$(read_setup_list NVCC_FLAGS) || exit 1
+CXX_FLAGS=$(read_build_flags CXX_FLAGS) || exit 1
+NVCC_FLAGS=$(read_build_flags NVCC_FLAGS) || exit 1
 if [ -z "${PYTHON_INCLUDE:-}" ]; then
     PYTHON_INCLUDE=$( (python3.12 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null) \
                       || "$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
