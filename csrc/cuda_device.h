@@ -83,7 +83,9 @@ SSIMKD_DEVICE GlobalPlane<T> contiguous_plane(const void* ptr, int64_t plane, in
 }
 
 // Integer atomics: exact, so a count does not depend on the order of arrival.
-SSIMKD_DEVICE void atomic_add(GlobalArray<unsigned long long> at, unsigned long long value) { atomicAdd(at, value); }
+SSIMKD_DEVICE void atomic_add(GlobalArray<unsigned long long> at, unsigned long long value) {
+  atomicAdd(at, value);
+}
 
 }  // namespace cuda_detail
 }  // namespace ssimkd

@@ -25,11 +25,11 @@ namespace emu {
 
 // Shadow of one shared-memory element.
 struct Shadow {
-  uint32_t epoch;           // the barrier interval of the accesses below (0: none yet in this block)
-  int16_t writer;           // the thread that wrote it in that interval, or -1
-  int16_t readers[2];       // two distinct threads that read it in that interval, or -1
+  uint32_t epoch;      // the barrier interval of the accesses below (0: none yet in this block)
+  int16_t writer;      // the thread that wrote it in that interval, or -1
+  int16_t readers[2];  // two distinct threads that read it in that interval, or -1
   uint8_t writer_stage, reader_stages[2];
-  bool initialised;         // written by some thread of the block
+  bool initialised;  // written by some thread of the block
 };
 
 // What the accessors need of the running block; the runner keeps it current.
@@ -45,7 +45,8 @@ enum class Access : int { kRead, kWrite };
 // A read of an element no thread has written: reported when the interval ends, unless another thread
 // writes it before that (then it is a race: the two threads' order is undefined).
 void note_uninitialised_read(const char* buffer, int index);
-[[noreturn]] void report_race(const char* buffer, int index, Access mine, int other, uint8_t other_stage, Access theirs);
+[[noreturn]] void report_race(const char* buffer, int index, Access mine, int other, uint8_t other_stage,
+                              Access theirs);
 
 inline void on_shared_access(const BlockState& b, Shadow& s, const char* buffer, int index, Access access) {
   if (s.epoch != b.epoch) {  // the first access since the last barrier
@@ -54,7 +55,8 @@ inline void on_shared_access(const BlockState& b, Shadow& s, const char* buffer,
   }
   if (access == Access::kRead) {
     if (!s.initialised) note_uninitialised_read(buffer, index);
-    if (s.writer >= 0 && s.writer != b.tid) report_race(buffer, index, access, s.writer, s.writer_stage, Access::kWrite);
+    if (s.writer >= 0 && s.writer != b.tid)
+      report_race(buffer, index, access, s.writer, s.writer_stage, Access::kWrite);
     if (s.readers[0] < 0) {
       s.readers[0] = int16_t(b.tid);
       s.reader_stages[0] = b.stage;
@@ -241,8 +243,8 @@ GlobalPlane<T> strided_plane(const void* ptr, const int64_t* stride, int64_t n, 
   if (t == nullptr) return {};
   const int64_t N = emu::tensor_size(*t, 0), C = emu::tensor_size(*t, 1);
   const bool inside = n >= 0 && n < N && c >= 0 && c < C;
-  return {static_cast<T*>(const_cast<void*>(ptr)), t, inside ? n * C + c : N * C, n * stride[0] + c * stride[1],
-          stride[2], stride[3]};
+  return {static_cast<T*>(const_cast<void*>(ptr)), t,         inside ? n * C + c : N * C,
+          n * stride[0] + c * stride[1],           stride[2], stride[3]};
 }
 
 template <typename T>

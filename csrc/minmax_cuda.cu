@@ -17,8 +17,7 @@ __global__ void __launch_bounds__(kThreads) minmax_count_kernel(const MinMaxGrad
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) minmax_write_kernel(const MinMaxGradArgs a) {
-  minmax_write_thread<scalar_t>(Thread{int(threadIdx.x), int(blockDim.x)}, a, int64_t(blockIdx.x),
-                                int64_t(gridDim.x));
+  minmax_write_thread<scalar_t>(Thread{int(threadIdx.x), int(blockDim.x)}, a, int64_t(blockIdx.x), int64_t(gridDim.x));
 }
 
 }  // namespace cuda_detail

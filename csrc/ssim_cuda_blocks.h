@@ -30,7 +30,9 @@ constexpr int tile_side() {
   return sizeof(T) == 8 ? 16 : 32;
 }
 
-inline int tile_side_for(DType dtype) { return dtype == DType::kFloat64 ? tile_side<double>() : tile_side<float>(); }
+inline int tile_side_for(DType dtype) {
+  return dtype == DType::kFloat64 ? tile_side<double>() : tile_side<float>();
+}
 
 // Sum of `values[k]` over the block's threads, for k < K, into out[k] (written by thread 0). A tree
 // over shared memory: a fixed pairing of partial sums, so the same launch configuration gives the
@@ -53,9 +55,9 @@ template <typename scalar_t, typename T>
 struct TilePlane {
   const LevelDesc* lv;
   TileCoord tc;
-  GlobalPlane<const scalar_t> x, y;  // plane (n, c) of x and y
+  GlobalPlane<const scalar_t> x, y;        // plane (n, c) of x and y
   T x_scale, x_offset, y_scale, y_offset;  // x-hat = x_scale * (x - x_offset)
-  int64_t h0, w0;     // first pixel of the tile
+  int64_t h0, w0;                          // first pixel of the tile
 };
 
 template <typename scalar_t, typename T>
@@ -79,8 +81,8 @@ SSIMKD_DEVICE TilePlane<scalar_t, T> tile_plane(const FusedArgs& a, int64_t tile
 // mean, which keeps float32 variances from cancelling.
 template <typename scalar_t, typename T>
 SSIMKD_DEVICE void load_centred_region(const Thread& th, const FusedArgs& a, const TilePlane<scalar_t, T>& p,
-                                       int64_t row0, int64_t col0, int L, Shared<T> xs, Shared<T> ys,
-                                       Shared<T> scratch, Shared<T> means) {
+                                       int64_t row0, int64_t col0, int L, Shared<T> xs, Shared<T> ys, Shared<T> scratch,
+                                       Shared<T> means) {
   const LevelDesc& lv = *p.lv;
   const int rows = L + SSIMKD_PLANTED(kHaloRows);  // L (a test of the emulation plants an off-by-one here)
   T sums[2] = {T(0), T(0)};
@@ -182,7 +184,8 @@ struct ForwardSmem {
 };
 
 template <typename scalar_t, int R>
-SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t tile, SharedMemory<AccType<scalar_t>> smem) {
+SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t tile,
+                                 SharedMemory<AccType<scalar_t>> smem) {
   using T = AccType<scalar_t>;
   constexpr int TILE = tile_side<T>();
   using S = ForwardSmem<T, R, TILE>;
@@ -216,8 +219,8 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
     for (int s = 0; s < kStrip; ++s) {
       const int64_t ph = p.h0 + i0 + s;
       if (!is_output(ph, lv.H, R, a.padding)) continue;
-      const Moments<T> m = moments_from_blurred(blurred[0][s], blurred[1][s], blurred[2][s], blurred[3][s],
-                                                blurred[4][s], cx, cy);
+      const Moments<T> m =
+          moments_from_blurred(blurred[0][s], blurred[1][s], blurred[2][s], blurred[3][s], blurred[4][s], cx, cy);
       const T value = ssim_value(m, params);
       thread_sum[0] += pixel_loss(value, params.clamp);
       if (map) map(ph - offset, pw - offset) = value;
@@ -304,13 +307,14 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
     const int i0 = (item / S::LS) * kStrip, j = item - (item / S::LS) * S::LS;
     const int64_t pw = p.w0 - R + j;
     T blurred[5][kStrip];
-    for (int q = 0; q < 5; ++q) vertical_strip<T, R>(sm.maps + q * S::LL * S::LS, S::LL, S::LS, i0, j, taps, blurred[q]);
+    for (int q = 0; q < 5; ++q)
+      vertical_strip<T, R>(sm.maps + q * S::LL * S::LS, S::LL, S::LS, i0, j, taps, blurred[q]);
     for (int s = 0; s < kStrip && i0 + s < S::LS; ++s) {
       const int64_t ph = p.h0 - R + i0 + s;
       BackwardCoeffs<T> bc = {T(0), T(0), T(0), T(0), T(0)};
       if (is_output(ph, lv.H, R, a.padding) && is_output(pw, lv.W, R, a.padding)) {
-        const Moments<T> m = moments_from_blurred(blurred[0][s], blurred[1][s], blurred[2][s], blurred[3][s],
-                                                  blurred[4][s], cx, cy);
+        const Moments<T> m =
+            moments_from_blurred(blurred[0][s], blurred[1][s], blurred[2][s], blurred[3][s], blurred[4][s], cx, cy);
         const SsimPartials<T> g = ssim_partials(m, params);
         T d = grad_scale * pixel_loss_grad(g.S, params.clamp);
         if (grad_map) d += grad_map(ph - offset, pw - offset);
@@ -417,7 +421,8 @@ template <typename T>
 SSIMKD_DEVICE void plane_sums(const FusedArgs& a, int level, int64_t plane) {
   const LevelDesc& lv = a.levels[level];
   const int64_t per_plane = lv.tiles_h * lv.tiles_w;
-  const GlobalArray<const T> partials = global_array<const T>(a.tile_partials) + 4 * (lv.tile_begin + plane * per_plane);
+  const GlobalArray<const T> partials =
+      global_array<const T>(a.tile_partials) + 4 * (lv.tile_begin + plane * per_plane);
   T s[4] = {T(0), T(0), T(0), T(0)};
   for (int64_t t = 0; t < per_plane; ++t)
     for (int k = 0; k < 4; ++k) s[k] += partials[4 * t + k];
@@ -441,7 +446,9 @@ SSIMKD_DEVICE void plane_sum_thread(const Thread& th, const FusedArgs& a, int le
   if (plane < a.levels[level].N * a.levels[level].C) plane_sums<T>(a, level, plane);
 }
 
-inline int64_t plane_sum_blocks(const LevelDesc& lv) { return (lv.N * lv.C + kThreads - 1) / kThreads; }
+inline int64_t plane_sum_blocks(const LevelDesc& lv) {
+  return (lv.N * lv.C + kThreads - 1) / kThreads;
+}
 
 // Dynamic shared memory of the tile kernels, in bytes.
 template <typename T, int R>

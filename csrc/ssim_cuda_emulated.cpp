@@ -108,7 +108,9 @@ void fiber_start(Fiber& f, char* top, void (*fn)(void*), void* arg) {
   f.sp = slot;
 }
 
-void fiber_switch(Fiber& from, Fiber& to) { ssimkd_fiber_switch(&from.sp, to.sp); }
+void fiber_switch(Fiber& from, Fiber& to) {
+  ssimkd_fiber_switch(&from.sp, to.sp);
+}
 #else
 struct Fiber {
   ucontext_t context;
@@ -118,7 +120,9 @@ struct Fiber {
 
 thread_local Fiber* t_entering = nullptr;  // the fiber being switched to, for its first run
 
-void fiber_entry() { t_entering->fn(t_entering->arg); }
+void fiber_entry() {
+  t_entering->fn(t_entering->arg);
+}
 
 void fiber_start(Fiber& f, char* top, size_t size, void (*fn)(void*), void* arg) {
   getcontext(&f.context);
@@ -285,16 +289,15 @@ class Runner {
 
   const char* stage_name(uint8_t id) const { return stage_names_[id]; }
   const BlockState& state() const { return state_; }
-  std::string where() const {
-    return "block " + std::to_string(block_) + " of " + kernel_;
-  }
+  std::string where() const { return "block " + std::to_string(block_) + " of " + kernel_; }
 
   // ---- the launch's tensors
   void set_tensors(const std::vector<TensorExtent>& tensors) {
     tensors_.clear();
     for (const TensorExtent& e : tensors) {
       if (e.data == nullptr) continue;
-      GlobalTensor t{e, {0, 1, 2, 3}, std::string(e.role) + (e.level >= 0 ? " of level " + std::to_string(e.level) : "")};
+      GlobalTensor t{
+          e, {0, 1, 2, 3}, std::string(e.role) + (e.level >= 0 ? " of level " + std::to_string(e.level) : "")};
       std::stable_sort(t.order, t.order + e.dim, [&](int a, int b) { return e.strides[a] > e.strides[b]; });
       auto [it, fresh] = tensors_.try_emplace(e.data, t);
       if (fresh) continue;
@@ -302,8 +305,9 @@ class Runner {
       const bool same = old.dim == e.dim && old.element_size == e.element_size &&
                         std::equal(old.sizes, old.sizes + e.dim, e.sizes) &&
                         std::equal(old.strides, old.strides + e.dim, e.strides);
-      if (!same) throw std::logic_error("ssimkd emulation: tensors " + it->second.label + " and " + t.label +
-                                        " share an address with different shapes");
+      if (!same)
+        throw std::logic_error("ssimkd emulation: tensors " + it->second.label + " and " + t.label +
+                               " share an address with different shapes");
       it->second.label += " (also " + t.label + ")";
     }
   }
@@ -318,7 +322,8 @@ class Runner {
 
   int site_index(const std::source_location& loc) {
     for (size_t i = 0; i < sites_.size(); ++i)
-      if (sites_[i].line == loc.line() && (sites_[i].file == loc.file_name() || std::strcmp(sites_[i].file, loc.file_name()) == 0))
+      if (sites_[i].line == loc.line() &&
+          (sites_[i].file == loc.file_name() || std::strcmp(sites_[i].file, loc.file_name()) == 0))
         return int(i);
     sites_.push_back({loc.file_name(), loc.line(), site_label(loc)});
     std::lock_guard<std::mutex> lock(g_sites_mutex);
@@ -377,15 +382,17 @@ class Runner {
     std::vector<std::vector<int>> by_site(sites_.size());
     for (int t = 0; t < threads_count_; ++t) {
       const LogicalThread& lt = threads_[size_t(t)];
-      if (lt.state == Run::kDone) done.push_back(t);
-      else by_site[size_t(lt.site)].push_back(t);
+      if (lt.state == Run::kDone)
+        done.push_back(t);
+      else
+        by_site[size_t(lt.site)].push_back(t);
     }
     std::vector<std::string> groups;
     for (size_t s = 0; s < by_site.size(); ++s) {
       if (by_site[s].empty()) continue;
       const LogicalThread& first = threads_[size_t(by_site[s][0])];
-      groups.push_back(threads_phrase(by_site[s]) + " at barrier " + std::to_string(first.barriers + 1) +
-                       " (" + sites_[s].label + ", stage '" + stage_names_[first.stage] + "')");
+      groups.push_back(threads_phrase(by_site[s]) + " at barrier " + std::to_string(first.barriers + 1) + " (" +
+                       sites_[s].label + ", stage '" + stage_names_[first.stage] + "')");
     }
     if (groups.empty() || (groups.size() == 1 && done.empty())) return true;
     std::ostringstream msg;
@@ -483,10 +490,14 @@ class Launch {
 
 template <typename scalar_t>
 const char* type_name() {
-  if constexpr (std::is_same_v<scalar_t, float>) return "float";
-  else if constexpr (std::is_same_v<scalar_t, double>) return "double";
-  else if constexpr (std::is_same_v<scalar_t, c10::Half>) return "half";
-  else return "bfloat16";
+  if constexpr (std::is_same_v<scalar_t, float>)
+    return "float";
+  else if constexpr (std::is_same_v<scalar_t, double>)
+    return "double";
+  else if constexpr (std::is_same_v<scalar_t, c10::Half>)
+    return "half";
+  else
+    return "bfloat16";
 }
 
 template <typename scalar_t>
@@ -518,12 +529,17 @@ std::string shape_string(const TensorExtent& e) {
 
 // ---- cuda_emulator.h's entry points
 
-void sync(std::source_location site) { running().wait_at_barrier(site); }
+void sync(std::source_location site) {
+  running().wait_at_barrier(site);
+}
 
-void stage(const char* name) { running().set_stage(name); }
+void stage(const char* name) {
+  running().set_stage(name);
+}
 
 int planted(PlantedBug bug) {
-  return g_planted.bug.load(std::memory_order_relaxed) == int(bug) ? g_planted.value.load(std::memory_order_relaxed) : 0;
+  return g_planted.bug.load(std::memory_order_relaxed) == int(bug) ? g_planted.value.load(std::memory_order_relaxed)
+                                                                   : 0;
 }
 
 void report_shared_out_of_bounds(const char* buffer, int index, int size) {
@@ -531,7 +547,9 @@ void report_shared_out_of_bounds(const char* buffer, int index, int size) {
                   "] is outside the buffer (" + std::to_string(size) + " elements), " + thread_context());
 }
 
-void note_uninitialised_read(const char* buffer, int index) { running().note_uninitialised_read(buffer, index); }
+void note_uninitialised_read(const char* buffer, int index) {
+  running().note_uninitialised_read(buffer, index);
+}
 
 void report_race(const char* buffer, int index, Access mine, int other, uint8_t other_stage, Access theirs) {
   const Runner& r = running();
@@ -549,15 +567,17 @@ void report_race(const char* buffer, int index, Access mine, int other, uint8_t 
 }
 
 void report_bad_carve(const char* buffer, int begin, int end, int size) {
-  throw Violation("ssimkd emulated memcheck: shared buffer " + std::string(buffer) + " [" + std::to_string(begin) + ", " +
-                  std::to_string(end) + ") does not fit the block's " + std::to_string(size) + " elements, " +
+  throw Violation("ssimkd emulated memcheck: shared buffer " + std::string(buffer) + " [" + std::to_string(begin) +
+                  ", " + std::to_string(end) + ") does not fit the block's " + std::to_string(size) + " elements, " +
                   thread_context());
 }
 
 const GlobalTensor* find_tensor(const void* data, int element_size) {
   if (data == nullptr) return nullptr;
   const GlobalTensor* t = running().find(data);
-  if (t == nullptr) throw Violation("ssimkd emulated memcheck: a global pointer that is none of the launch's tensors, " + thread_context());
+  if (t == nullptr)
+    throw Violation("ssimkd emulated memcheck: a global pointer that is none of the launch's tensors, " +
+                    thread_context());
   if (t->extent.element_size != element_size)
     throw Violation("ssimkd emulated memcheck: tensor " + t->label + " read as " + std::to_string(element_size) +
                     "-byte elements, it has " + std::to_string(t->extent.element_size) + ", " + thread_context());
@@ -579,7 +599,9 @@ bool tensor_contains(const GlobalTensor& t, int64_t offset) {
   return offset == 0;
 }
 
-int64_t tensor_size(const GlobalTensor& t, int dim) { return dim < t.extent.dim ? t.extent.sizes[dim] : 1; }
+int64_t tensor_size(const GlobalTensor& t, int dim) {
+  return dim < t.extent.dim ? t.extent.sizes[dim] : 1;
+}
 
 void report_global_out_of_bounds(const GlobalTensor& t, int64_t offset) {
   throw Violation("ssimkd emulated memcheck: access outside tensor " + t.label + " " + shape_string(t.extent) + " at " +
@@ -642,8 +664,9 @@ void ssim_bwd_cuda_emulated(const FusedArgs& args, const std::vector<TensorExten
     for (int l = 0; l < args.num_levels; ++l) {
       const LevelDesc& lv = args.levels[l];
       if (lv.g_x_affine == nullptr && lv.g_y_affine == nullptr) continue;
-      emu::run_kernel<T>(emu::kernel_label<T>("plane_sum_kernel"), plane_sum_blocks(lv), 0,
-                         [&](const Thread& th, int64_t block, SharedMemory<T>) { plane_sum_thread<T>(th, args, l, block); });
+      emu::run_kernel<T>(
+          emu::kernel_label<T>("plane_sum_kernel"), plane_sum_blocks(lv), 0,
+          [&](const Thread& th, int64_t block, SharedMemory<T>) { plane_sum_thread<T>(th, args, l, block); });
     }
   });
 }
@@ -669,10 +692,11 @@ void minmax_grad_cuda_emulated(const MinMaxGradArgs& args, const std::vector<Ten
 
 void cuda_emulated_plant_bug(const std::string& bug, const std::string& site, int64_t value) {
   using emu::PlantedBug;
-  static const std::pair<const char*, PlantedBug> kBugs[] = {
-      {"none", PlantedBug::kNone},           {"drop_barrier", PlantedBug::kDropBarrier},
-      {"extra_barrier", PlantedBug::kExtraBarrier}, {"halo_rows", PlantedBug::kHaloRows},
-      {"last_column", PlantedBug::kLastColumn}};
+  static const std::pair<const char*, PlantedBug> kBugs[] = {{"none", PlantedBug::kNone},
+                                                             {"drop_barrier", PlantedBug::kDropBarrier},
+                                                             {"extra_barrier", PlantedBug::kExtraBarrier},
+                                                             {"halo_rows", PlantedBug::kHaloRows},
+                                                             {"last_column", PlantedBug::kLastColumn}};
   for (const auto& [name, code] : kBugs) {
     if (bug != name) continue;
     std::lock_guard<std::mutex> lock(emu::g_planted.mutex);

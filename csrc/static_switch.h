@@ -40,8 +40,8 @@ decltype(auto) radius_switch(int radius, Fn&& fn) {
     case 6: return fn.template operator()<6>();
     case 7: return fn.template operator()<7>();
   }
-  TORCH_CHECK(false, "ssimkd: no kernel for window radius ", radius, " (window sizes ", kMinWindow, " to ",
-              kMaxWindow, ")");
+  TORCH_CHECK(false, "ssimkd: no kernel for window radius ", radius, " (window sizes ", kMinWindow, " to ", kMaxWindow,
+              ")");
 }
 
 template <typename Fn>
