@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import case_size, device_of
+from conftest import backend_available, case_size, device_of
 from utils import assert_close_verbose
 
 import ssimkd_kernels as sk
@@ -256,3 +256,32 @@ def test_ms_ssim_loss_module():
     with pytest.raises(TypeError, match="unknown options"):
         sk.MSSSIMLoss(size_average=True)
     assert math.isclose(float(sk.MSSSIMLoss()(x, x.detach())), 0.0, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("call", ["ssim-none", "ssim-sum", "ms_ssim"])
+def test_fused_reductions_write_no_map(monkeypatch, call):
+    """reduction="none"/"sum" and ms_ssim reduce inside the fused op (each sample, or each plane of each
+    scale, one of its levels): the op is never asked for an SSIM map."""
+    if not backend_available("cpu"):
+        pytest.skip("the C++ extension is not available here")
+    import ssimkd_kernels.loss as loss_module
+
+    calls = []
+
+    def spy(backend, xs, ys, *args, write_map=False, **kwargs):
+        calls.append((len(xs), write_map))
+        return fused(backend, xs, ys, *args, write_map=write_map, **kwargs)
+
+    fused = loss_module.fused_ssim
+    monkeypatch.setattr(loss_module, "fused_ssim", spy)
+    x = torch.rand(2, 3, 170, 170, requires_grad=True)
+    y = torch.rand(2, 3, 170, 170)
+    if call == "ms_ssim":
+        value = sk.ms_ssim(x, y, backend="cpu")
+        expected_levels = [4 * 2 * 3, 2 * 3]  # every plane of the four c s scales, then of the coarsest
+    else:
+        value = sk.ssim(x, y, reduction=call.split("-")[1], backend="cpu")
+        expected_levels = [2 if call == "ssim-none" else 1]
+    value.sum().backward()
+    assert calls == [(n, False) for n in expected_levels]
+    assert torch.isfinite(x.grad).all()

@@ -21,7 +21,16 @@ from torch import Tensor, nn
 
 from . import reference
 from ._constants import DEFAULT_K1, DEFAULT_K2, DEFAULT_SIGMA, DEFAULT_WINDOW, MS_SSIM_WEIGHTS, REDUCTIONS
-from .loss import _check_levels, _check_window_options, ssim, ssim_map
+from .loss import (
+    _check_levels,
+    _check_window_options,
+    _common_dtype,
+    _kernel_options,
+    fused_means,
+    ssim,
+    ssim_map,
+)
+from .ops import resolve_backend
 
 __all__ = ["fused_ssim", "l1_ssim_loss", "ms_ssim", "MSSSIMLoss"]
 
@@ -168,22 +177,48 @@ def ms_ssim(
             f"exceeds {minimum} (each of the {len(weights) - 1} 2x downsamplings must leave room for a window), "
             f"got {tuple(x.shape[2:])}"
         )
-    options = dict(
-        window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2, padding="valid", backend=backend
-    )
-    terms = _scale_terms(reference.msssim_pyramid(x, len(weights)), reference.msssim_pyramid(y, len(weights)), options)
+    pyramids = reference.msssim_pyramid(x, len(weights)), reference.msssim_pyramid(y, len(weights))
+    terms = _scale_terms(*pyramids, window_size, sigma, data_range, k1, k2, backend)
     w = torch.tensor(weights, dtype=terms[0].dtype, device=x.device)
     per_channel = torch.stack([reference.positive_power(t, w[i]) for i, t in enumerate(terms)]).prod(dim=0)
     per_sample = per_channel.mean(dim=1)
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def _scale_terms(xs: list[Tensor], ys: list[Tensor], options: dict) -> list[Tensor]:
+def _scale_terms(xs, ys, window_size, sigma, data_range, k1, k2, backend) -> list[Tensor]:
     """Per scale, the (N, C) means of c s (exponents (0, 1, 1): l^0 c s, which is exactly c s since c s =
-    A2 / B2 whatever sigma_x sigma_y is) and, at the coarsest scale, of SSIM."""
-    terms = [ssim_map(a, b, exponents=(0.0, 1.0, 1.0), **options).mean(dim=(2, 3)) for a, b in zip(xs[:-1], ys[:-1])]
-    terms.append(ssim_map(xs[-1], ys[-1], **options).mean(dim=(2, 3)))
-    return terms
+    A2 / B2 whatever sigma_x sigma_y is) and, at the coarsest scale, of SSIM; valid windows.
+
+    On a fused backend every plane of every scale is one level of the op (one call for the c s scales,
+    one for the coarsest), which reduces each to its sum: no SSIM map is written."""
+    chosen = resolve_backend(backend, xs[0].device)
+    if chosen == "reference":
+        options = dict(
+            window_size=window_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2, padding="valid", backend=chosen
+        )
+        terms = [
+            ssim_map(a, b, exponents=(0.0, 1.0, 1.0), **options).mean(dim=(2, 3)) for a, b in zip(xs[:-1], ys[:-1])
+        ]
+        return terms + [ssim_map(xs[-1], ys[-1], **options).mean(dim=(2, 3))]
+
+    n, c = xs[0].shape[:2]
+    dtype = _common_dtype([xs[0], ys[0]])
+
+    def plane_means(scales_x, scales_y, exponents) -> Tensor:  # (scales, N, C)
+        planes_x, planes_y, counts = [], [], []
+        for a, b in zip(scales_x, scales_y):
+            h, w = a.shape[2:]
+            # One split per scale: the planes' gradients meet in one cat.
+            planes_x += a.to(dtype).reshape(n * c, 1, h, w).split(1)
+            planes_y += b.to(dtype).reshape(n * c, 1, h, w).split(1)
+            counts += [
+                reference.output_extent(h, window_size, "valid") * reference.output_extent(w, window_size, "valid")
+            ] * (n * c)
+        options = _kernel_options(window_size, sigma, data_range, k1, k2, "valid", exponents, clamp=False)
+        return fused_means(chosen, planes_x, planes_y, options, counts).view(len(scales_x), n, c)
+
+    terms = list(plane_means(xs[:-1], ys[:-1], (0.0, 1.0, 1.0)).unbind(0)) if len(xs) > 1 else []
+    return terms + [plane_means(xs[-1:], ys[-1:], (1.0, 1.0, 1.0))[0]]
 
 
 class MSSSIMLoss(nn.Module):

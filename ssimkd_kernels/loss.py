@@ -325,13 +325,29 @@ def _ssim(
         return smap if reduction is None else _reduce_map(smap, weights, reduction)
     dtype = _common_dtype([x, y])
     options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp=False)
-    if reduction == "mean" and weights is None:
-        # The kernel reduces m = (1 - S) / 2; unclamped, mean S = 1 - 2 mean m.
-        scale = 1.0 / _output_count(x.shape, window_size, padding)
-        losses, _ = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [scale], options)
-        return 1.0 - 2.0 * losses[0]
-    _, maps = fused_ssim(chosen, [x.to(dtype)], [y.to(dtype)], [], [], [0.0], options, write_map=True)
+    x, y = x.to(dtype), y.to(dtype)
+    if weights is None and reduction in ("mean", "sum"):
+        count = _output_count(x.shape, window_size, padding)
+        mean = fused_means(chosen, [x], [y], options, [count])[0]
+        return mean if reduction == "mean" else mean * count
+    if weights is None and reduction == "none":  # each sample a level of the op: one mean each, no map
+        per_sample = _output_count(x[:1].shape, window_size, padding)
+        return fused_means(chosen, list(x.split(1)), list(y.split(1)), options, [per_sample] * x.shape[0])
+    _, maps = fused_ssim(chosen, [x], [y], [], [], [0.0], options, write_map=True)
     return maps[0] if reduction is None else _reduce_map(maps[0], weights, reduction)
+
+
+def fused_means(backend: str, xs: list[Tensor], ys: list[Tensor], options: KernelOptions, counts: list[int]) -> Tensor:
+    """Mean SSIM of each pair (xs[i], ys[i]) over its counts[i] map pixels, by the fused op with each pair
+    as one of its levels: the op reduces every level to one sum and writes no map. Unclamped
+    (options.clamp False), the op's per-pixel loss is m = (1 - S) / 2, so mean S = 1 - 2 mean m.
+
+    Pass the pairs as views made by one split (x.split(1)): their gradients then meet in one cat,
+    where separate slices would each scatter into a full-size zero tensor."""
+    if options.clamp:
+        raise ValueError("fused_means needs clamp=False: a clamped loss does not give back the mean SSIM")
+    losses, _ = fused_ssim(backend, xs, ys, [], [], [1.0 / c for c in counts], options)
+    return 1.0 - 2.0 * losses
 
 
 def ssim_kd_loss(
