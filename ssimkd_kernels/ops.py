@@ -131,55 +131,23 @@ def _fused_ssim_bwd_triton(
 # ------------------------------------------------------------------------------------------------
 
 
-def _fwd_fake(
-    xs,
-    ys,
-    x_affines,
-    y_affines,
-    level_scales,
-    window_size,
-    sigma,
-    c1,
-    c2,
-    padding,
-    alpha,
-    beta,
-    gamma,
-    clamp,
-    write_map,
-):
+# Both take the op's arguments in schema order; the scalar options (KernelOptions) sit after level_scales.
+def _fwd_fake(xs, ys, x_affines, y_affines, level_scales, *options_and_write_map):
+    options, write_map = KernelOptions(*options_and_write_map[:_OPTION_COUNT]), options_and_write_map[_OPTION_COUNT]
     torch._check(len(xs) > 0 and len(xs) == len(ys), lambda: "ssimkd: one teacher level per student level")
     acc = _accumulation_dtype(xs[0].dtype)
     losses = xs[0].new_empty((len(xs),), dtype=acc)
     maps = []
     if write_map:
         for x in xs:
-            h = output_extent(x.shape[2], window_size, padding)
-            w = output_extent(x.shape[3], window_size, padding)
+            h = output_extent(x.shape[2], options.window_size, options.padding)
+            w = output_extent(x.shape[3], options.window_size, options.padding)
             maps.append(x.new_empty((x.shape[0], x.shape[1], h, w), dtype=acc))
     return losses, maps
 
 
-def _bwd_fake(
-    grad_losses,
-    grad_maps,
-    xs,
-    ys,
-    x_affines,
-    y_affines,
-    level_scales,
-    window_size,
-    sigma,
-    c1,
-    c2,
-    padding,
-    alpha,
-    beta,
-    gamma,
-    clamp,
-    x_needs_grad,
-    y_needs_grad,
-):
+def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, *options_and_needs):
+    x_needs_grad, y_needs_grad = options_and_needs[_OPTION_COUNT:]
     gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
     gys = [torch.empty_like(y) for y in ys] if y_needs_grad else []
     gxa = [a.new_empty(a.shape) for a in x_affines] if x_needs_grad else []
