@@ -363,16 +363,17 @@ struct AxisPlan {
   // past c1 + R (the last vector's unused lanes) read the plane too, so every lane is a finite value.
   std::vector<int64_t> source;
   int run_begin = 0, run_end = 0;  // the longest run of consecutive plane positions in `source`
-  // The positions outside that run: (j, run position with the same plane position) where they fold
-  // back into the run; zero padding; the others, read from the plane (unused lanes, tile interiors).
-  std::vector<std::pair<int, int>> copies;
+  // The positions outside that run: zero padding, and the others (folds at the borders, unused lanes,
+  // tile interiors), each read from the plane on its own.
   std::vector<int> zeros, reads;
   // Backward: weight[k * target_stride + q] is the weight with which centre t0 + q + k - R feeds
   // target t0 + q (the true transpose of the padded blur, folds included; 0 off the centres).
   int target_blocks = 0;
   int64_t target_stride = 0;
   std::vector<T> weight;
-  std::vector<uint8_t> plain_block;  // per target vector: its weights are the plain taps
+  // Per target vector: the weights of its group of kLanes targets are all the plain taps. Decided
+  // per kLanes, not per vector, so that every vector width takes the same path (the same bits).
+  std::vector<uint8_t> plain_block;
   int64_t width() const { return int64_t(blocks) * lanes; }
 };
 
@@ -418,18 +419,9 @@ AxisPlan<T> plan_axis(int64_t t0, int64_t t1, int64_t n, int radius, int padding
       }
       j = e - 1;
     }
-    // s0 < s1 here: every window reads its own centre, which lies in the plane.
-    const int64_t run_first = p.source[p.run_begin], run_last = p.source[p.run_end - 1];
     for (int j = 0; j < int(span); ++j) {
-      const int64_t src = p.source[j];
       if (j >= p.run_begin && j < p.run_end) continue;
-      if (src < 0) {
-        p.zeros.push_back(j);
-      } else if (src >= run_first && src <= run_last) {
-        p.copies.emplace_back(j, int(p.run_begin + (src - run_first)));
-      } else {
-        p.reads.push_back(j);
-      }
+      (p.source[j] < 0 ? p.zeros : p.reads).push_back(j);
     }
   }
   if (backward) {
@@ -437,14 +429,16 @@ AxisPlan<T> plan_axis(int64_t t0, int64_t t1, int64_t n, int radius, int padding
     p.target_blocks = blocks_of(t1 - t0, lanes);
     p.target_stride = int64_t(p.target_blocks) * lanes;
     p.weight.assign(size_t(k_count * p.target_stride), T(0));
-    p.plain_block.assign(size_t(p.target_blocks), 1);
+    std::vector<uint8_t> plain_group(size_t(blocks_of(t1 - t0, kLanes)), 1);
     for (int64_t q = 0; q < t1 - t0; ++q) {
       for (int k = 0; k < k_count; ++k) {
         const T w = transposed_tap(t0 + q, t0 + q + k - radius, n, radius, padding, taps);
         p.weight[k * p.target_stride + q] = w;
-        if (w != taps[k]) p.plain_block[q / lanes] = 0;  // g is symmetric: plain means w = g[k]
+        if (w != taps[k]) plain_group[q / kLanes] = 0;  // g is symmetric: plain means w = g[k]
       }
     }
+    p.plain_block.resize(size_t(p.target_blocks));
+    for (int b = 0; b < p.target_blocks; ++b) p.plain_block[b] = plain_group[b * lanes / kLanes];
   }
   return p;
 }
@@ -593,8 +587,8 @@ SSIMKD_INLINE void normalise(const scalar_t* __restrict src, int64_t step, int n
 // Load the plane rows [rows.s0, rows.s1) of one input, each gathered at the column plan's positions,
 // normalised and centred: scale * (x - offset) - shift; then a row of zero padding (-shift) when the
 // rows read one. Returns the shift. The longest run of consecutive plane columns is read as one (a
-// whole row in the interior); the other columns are copied from the run where they fold back into
-// it, and read from the plane otherwise.
+// whole row in the interior); the other columns are read one by one from the plane (not copied from
+// the run just stored: a scalar load from a vector store still in flight stalls until it retires).
 template <typename scalar_t, typename T, int R, int N>
 SSIMKD_INLINE T load_input(const void* base, const int64_t* stride, T scale, T offset, const TileCoord& tc,
                            const AxisPlan<T>& rows, const AxisPlan<T>& cols, T* __restrict out) {
@@ -609,7 +603,6 @@ SSIMKD_INLINE T load_input(const void* base, const int64_t* stride, T scale, T o
     T* dst = out + i * width;
     const scalar_t* src = plane + (rows.s0 + i) * stride[2];
     normalise<N>(src + src_col[r0] * step, step, r1 - r0, scale, offset, shift, dst + r0);
-    for (const auto& [j, from] : cols.copies) dst[j] = dst[from];
     for (const int j : cols.zeros) dst[j] = -shift;
     for (const int j : cols.reads) dst[j] = fmadd_lane<N>(scale, static_cast<T>(src[src_col[j] * step]) - offset, -shift);
   }
@@ -940,19 +933,17 @@ SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const 
       for (int m = 0; m < n_coeff; ++m)
         where(centre, coef[m], V(T(0))).store(coeffs + m * G::kCoeffs + u0 + b * N);
     }
-    for (int m = 0; m < n_coeff; ++m) {
-      const T* row = coeffs + m * G::kCoeffs;
-      T* dst = transposed + m * G::kTransposedMap + (first_row + i) * G::kTargets;
-      for (int b = 0; b < cols.target_blocks; ++b) {
-        V t;
-        if (cols.plain_block[b]) {
-          t = symmetric_blur<R, 1>(row + b * N, g);
-        } else {
-          V w[2 * R + 1];
-          for (int k = 0; k <= 2 * R; ++k) w[k] = V::load(band + k * band_stride + b * N);
-          t = weighted_blur<R, 1>(row + b * N, w);
-        }
-        t.store(dst + b * N);
+    // Per target vector, every map: a border vector's weights are loaded once for all maps.
+    T* dst = transposed + (first_row + i) * G::kTargets;
+    for (int b = 0; b < cols.target_blocks; ++b) {
+      if (cols.plain_block[b]) {
+        for (int m = 0; m < n_coeff; ++m)
+          symmetric_blur<R, 1>(coeffs + m * G::kCoeffs + b * N, g).store(dst + m * G::kTransposedMap + b * N);
+      } else {
+        V w[2 * R + 1];
+        for (int k = 0; k <= 2 * R; ++k) w[k] = V::load(band + k * band_stride + b * N);
+        for (int m = 0; m < n_coeff; ++m)
+          weighted_blur<R, 1>(coeffs + m * G::kCoeffs + b * N, w).store(dst + m * G::kTransposedMap + b * N);
       }
     }
   }
