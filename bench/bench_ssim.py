@@ -165,7 +165,11 @@ def device_description(device: torch.device) -> dict:
                     break
         except OSError:
             pass
-        info.update(device_name=f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+        # The instruction set the cpu backend's kernels run with (SSIMKD_CPU_ISA caps it) names the row.
+        isa = sk.ops.cpu_isa()
+        info.update(cpu_isa=isa,
+                    device_name=f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads"
+                    + (f", {isa})" if isa else ")"))
     return info
 
 

@@ -12,7 +12,7 @@ import torch
 
 def _info(args) -> int:
     from . import __version__
-    from .ops import CUDA_COMPILED, EXTENSION_ERROR, available_backends
+    from .ops import CUDA_COMPILED, EXTENSION_ERROR, available_backends, cpu_isa
 
     try:
         import triton
@@ -24,6 +24,7 @@ def _info(args) -> int:
         "ssimkd_kernels": __version__,
         "backends": available_backends(),
         "cuda_compiled": CUDA_COMPILED,
+        "cpu_isa": cpu_isa(),
         "extension_error": None if EXTENSION_ERROR is None else str(EXTENSION_ERROR),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

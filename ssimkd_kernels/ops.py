@@ -45,6 +45,12 @@ except ImportError as error:  # a source checkout without a build: the reference
     EXTENSION_ERROR = error
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the cpu backend's kernels use now: "avx512", "avx2" or "baseline" (None
+    without the extension). The environment variable SSIMKD_CPU_ISA caps it, read at every launch."""
+    return None if _C is None else _C.cpu_isa()
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """Scalar options of one fused call, in the order of the op schema."""
