@@ -167,7 +167,8 @@ def device_description(device: torch.device) -> dict:
             pass
         # The instruction set the cpu backend's kernels run with (SSIMKD_CPU_ISA caps it) names the row.
         isa = sk.ops.cpu_isa()
-        info.update(cpu_isa=isa,
+        # Wall clock on a CPU shared with other work is noisy: the load next to the numbers says how much.
+        info.update(load_average=[round(v, 2) for v in os.getloadavg()], cpu_isa=isa,
                     device_name=f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads"
                     + (f", {isa})" if isa else ")"))
     return info
