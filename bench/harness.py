@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ssimkd_kernels.ops import cpu_isa
+
 HERE = Path(__file__).resolve().parent
 
 # ------------------------------------------------------------------------------------------------
@@ -112,7 +114,15 @@ def device_description(device: torch.device) -> dict:
                     break
         except OSError:
             pass
-        info.update(device_name=f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+        # The instruction set the cpu backend's kernels run with (SSIMKD_CPU_ISA caps it) names the row.
+        isa = cpu_isa()
+        # Wall clock on a CPU shared with other work is noisy: the load next to the numbers says how much.
+        info.update(
+            load_average=[round(v, 2) for v in os.getloadavg()],
+            cpu_isa=isa,
+            device_name=f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads"
+            + (f", {isa})" if isa else ")"),
+        )
     return info
 
 

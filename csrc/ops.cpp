@@ -621,7 +621,13 @@ class MinMaxAffineFunction : public torch::autograd::Function<MinMaxAffineFuncti
     saved.insert(saved.end(), affines.begin(), affines.end());
     saved.insert(saved.end(), bounds.begin(), bounds.end());
     save_inputs(ctx, saved);
-    ctx->mark_non_differentiable(bounds);
+    // A map without gradient (the teacher's) gets an affine without one, so the fused backward does
+    // not compute that side's gradient (ssim_kd_loss normalises student and teacher in one call).
+    variable_list constant(bounds.begin(), bounds.end());
+    for (size_t i = 0; i < feats.size(); ++i) {
+      if (!feats[i].requires_grad()) constant.push_back(affines[i]);
+    }
+    ctx->mark_non_differentiable(constant);
     ctx->saved_data["group"] = group;
     variable_list out(affines.begin(), affines.end());
     out.insert(out.end(), bounds.begin(), bounds.end());
@@ -716,10 +722,29 @@ TORCH_LIBRARY_IMPL(ssimkd, CUDA, m) {
 
 }  // namespace ssimkd
 
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(ssimkd::cpu_isa_name());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The instruction set the CPU op uses now: avx512, avx2 or baseline (SSIMKD_CPU_ISA caps it)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import ssimkd_kernels._C` loads this library, whose static initialisers register the ops above.
-// Its one attribute, CUDA_COMPILED, says whether CUDA kernels were built in (`ssimkd info` reports it).
+// CUDA_COMPILED says whether CUDA kernels were built in, cpu_isa() which instruction set the CPU op
+// uses (`ssimkd info` reports both).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   PyObject* module = PyModule_Create(&module_def);
 #ifdef SSIMKD_WITH_CUDA
   const long cuda_compiled = 1;

@@ -219,23 +219,28 @@ SSIMKD_HD T ssim_value(const Moments<T>& m, const SsimParams<T>& p) {
   return p.default_exponents ? ssim_default(m, p) : ssim_partials_general(m, p).S;
 }
 
+// c ? a : b. The CPU op's SIMD vectors overload it lane by lane (ssim_cpu.cpp), so the functions
+// below that choose with it, like the branch-free ones above, serve scalars and vectors alike.
+template <typename T>
+SSIMKD_HD T where(bool c, T a, T b) {
+  return c ? a : b;
+}
+
 // Per-pixel loss m = (1 - S) / 2, clamped to [0, 1] when asked. NaN stays NaN (comparisons are
 // false for NaN; std::min/max would drop it).
 template <typename T>
 SSIMKD_HD T pixel_loss(T S, bool clamp) {
   const T m = (T(1) - S) * T(0.5);
   if (!clamp) return m;
-  return m < T(0) ? T(0) : (m > T(1) ? T(1) : m);
+  return where(m < T(0), T(0), where(m > T(1), T(1), m));
 }
 
 // d m / d S: -1/2, or 0 where the clamp is active (torch.clamp passes the gradient on the bounds).
 template <typename T>
 SSIMKD_HD T pixel_loss_grad(T S, bool clamp) {
-  if (clamp) {
-    const T m = (T(1) - S) * T(0.5);
-    if (!(m >= T(0) && m <= T(1))) return T(0);
-  }
-  return T(-0.5);
+  if (!clamp) return T(-0.5);
+  const T m = (T(1) - S) * T(0.5);
+  return where(m >= T(0) && m <= T(1), T(-0.5), T(0));
 }
 
 // The maps the backward blurs back with W^T (SPEC section 2), for d = dL/dS at this centre:

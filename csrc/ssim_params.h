@@ -198,6 +198,9 @@ SSIMKD_HD int64_t output_extent(int64_t n, int radius, int padding) {
 
 // Tile shape of each backend, so ops.cpp can size the scratch before it launches.
 TileShape cpu_tile_shape(bool backward);
+// The instruction set the CPU op's tile functions use now: "avx512", "avx2" or "baseline" (x86-64
+// without AVX2, and every other architecture); SSIMKD_CPU_ISA caps it.
+const char* cpu_isa_name();
 void ssim_fwd_cpu(const FusedArgs& args);
 void ssim_bwd_cpu(const FusedArgs& args);
 

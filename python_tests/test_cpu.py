@@ -62,3 +62,61 @@ def test_tile_borders(padding):
 
     students, teachers = sample_levels([(70, 131), (133, 20), (65, 64)], batch=1, channels=2, dtype=torch.float64)
     check_against_reference("cpu", students, teachers, padding=padding)
+
+
+# The CPU op's kernels are compiled per instruction set; SSIMKD_CPU_ISA caps the one a launch uses.
+INSTRUCTION_SETS = ("baseline", "avx2", "avx512")
+
+
+def _instruction_sets_here() -> tuple:
+    """The instruction sets this CPU can run: those up to the best one, which a launch picks uncapped."""
+    from ssimkd_kernels.ops import cpu_isa
+
+    return INSTRUCTION_SETS[: INSTRUCTION_SETS.index(cpu_isa()) + 1]
+
+
+def _loss_and_grads(students, teachers, padding):
+    loss = sk.ssim_kd_loss(students, teachers, padding=padding, backend="cpu")
+    return [loss] + list(torch.autograd.grad(loss, [f for f in students + teachers if f.requires_grad]))
+
+
+@pytest.mark.parametrize("isa", INSTRUCTION_SETS)
+@pytest.mark.parametrize("padding", ["reflect", "zero", "valid"])
+def test_each_instruction_set_against_reference(isa, padding, monkeypatch):
+    """Every kernel width (4, 8, 16 floats) on tile borders, tails of partial vectors and tiny planes."""
+    from ssimkd_kernels.ops import cpu_isa
+    from test_backends import check_against_reference
+
+    if isa not in _instruction_sets_here():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    monkeypatch.setenv("SSIMKD_CPU_ISA", isa)
+    assert cpu_isa() == isa
+    shapes = [(70, 131), (13, 21)] + ([] if padding == "valid" else [(3, 5), (1, 1)])
+    for dtype in (torch.float32, torch.float64):
+        students, teachers = sample_levels(shapes, batch=1, channels=2, dtype=dtype)
+        check_against_reference("cpu", students, teachers, padding=padding)
+
+
+def test_avx2_and_avx512_give_the_same_bits(monkeypatch):
+    """The 8- and 16-lane kernels do the same operations on every pixel and sum in the same 16 lanes."""
+    if "avx512" not in _instruction_sets_here():
+        pytest.skip("this CPU cannot run the avx512 kernels")
+    for dtype in (torch.float32, torch.float64):
+        for padding in ("reflect", "zero", "valid"):
+            shapes = [(70, 131), (40, 23)] + ([] if padding == "valid" else [(5, 9), (1, 1)])
+            students, teachers = sample_levels(shapes, channels=3, dtype=dtype)
+            if padding == "zero":  # a teacher without gradient: the backward blurs back 3 maps, not 5
+                teachers = [t.detach() for t in teachers]
+            results = []
+            for isa in ("avx2", "avx512"):
+                monkeypatch.setenv("SSIMKD_CPU_ISA", isa)
+                results.append(_loss_and_grads(students, teachers, padding))
+            for a, b in zip(*results):
+                assert torch.equal(a, b), (dtype, padding)
+
+
+def test_unknown_instruction_set_is_an_error(monkeypatch):
+    students, teachers = sample_levels([(8, 8)], channels=1)
+    monkeypatch.setenv("SSIMKD_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="SSIMKD_CPU_ISA must be avx512, avx2 or baseline, got 'sse9'"):
+        sk.ssim_kd_loss(students, teachers, backend="cpu")

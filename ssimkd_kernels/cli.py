@@ -12,7 +12,7 @@ import torch
 
 def _info(args) -> int:
     from . import __version__, _extension
-    from .ops import backend_report
+    from .ops import backend_report, cpu_isa
 
     try:
         import triton
@@ -26,6 +26,7 @@ def _info(args) -> int:
         "backends": backends,
         "available_backends": [name for name, state in backends.items() if state["available"]],
         "extension": _extension.describe(),
+        "cpu_isa": cpu_isa(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "torch_hip": torch.version.hip,

@@ -38,6 +38,13 @@ from .reference import output_extent
 EMULATED_CUDA = "cuda_emulated"
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the cpu backend's kernels use now: "avx512", "avx2" or "baseline" (None while
+    no extension is loaded; this never compiles one). SSIMKD_CPU_ISA caps it, read at every launch."""
+    ext = _native_extension(build=False)
+    return None if ext is None else ext.module.cpu_isa()
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """Scalar options of one fused call, in the order of the op schema."""
