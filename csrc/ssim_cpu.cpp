@@ -50,27 +50,8 @@
 #include <cstdio>
 #endif
 
+#include "cpu_common.h"
 #include "ssim_params.h"
-
-// x86-64 with GCC: the tile functions are compiled per instruction set (target attributes) and the
-// min-max loops are cloned (target_clones). Helpers are forced inline, so that each compiles for the
-// instruction set of the function it lands in.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>  // declares the FMA builtins fmadd uses (the intrinsics would not inline into it)
-#define SSIMKD_X86_DISPATCH 1
-#define SSIMKD_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
-#define SSIMKD_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-#define SSIMKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SSIMKD_X86_DISPATCH 0
-#define SSIMKD_TARGET_AVX512
-#define SSIMKD_TARGET_AVX2
-#define SSIMKD_CPU_CLONES
-#endif
-#define SSIMKD_INLINE inline __attribute__((always_inline))
-// Vector values never cross a call (every helper that takes one is inlined), so the ABI notes GCC
-// gives for wide vectors in functions of a narrower instruction set do not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace ssimkd {
 namespace {
@@ -82,7 +63,9 @@ namespace {
 enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Bytes of one vector register: baseline x86-64 (SSE2) 16, AVX2 32, AVX-512 64.
-constexpr int vector_bytes(Isa isa) { return isa == Isa::kAvx512 ? 64 : (isa == Isa::kAvx2 ? 32 : 16); }
+constexpr int vector_bytes(Isa isa) {
+  return isa == Isa::kAvx512 ? 64 : (isa == Isa::kAvx2 ? 32 : 16);
+}
 
 Isa best_isa() {
 #if SSIMKD_X86_DISPATCH
@@ -137,8 +120,9 @@ struct MaskBits<true, Lane, kBytes> {
 
 template <typename T, int N>
 struct Mask {
-  typedef typename MaskBits<kBitMask<T, N>, std::conditional_t<sizeof(T) == 4, int32_t, int64_t>,
-                            int(N * sizeof(T))>::type Raw;
+  typedef
+      typename MaskBits<kBitMask<T, N>, std::conditional_t<sizeof(T) == 4, int32_t, int64_t>, int(N * sizeof(T))>::type
+          Raw;
   Raw m;
   friend SSIMKD_INLINE Mask operator&&(Mask a, Mask b) { return {Raw(a.m & b.m)}; }
 };
@@ -252,12 +236,11 @@ SSIMKD_INLINE SsimParams<Vec<T, N>> lanes_of(const SsimParams<T>& p) {
 // the backward's buffers for it (~350 KiB of float) stay in L2.
 constexpr int kTileH = 64;
 constexpr int kTileW = 64;
-// Lanes of every per-lane sum (and the min-max loops' block of columns): fixed, whatever the vector
-// width, so the sums add the same values in the same order on every instruction set.
-constexpr int kLanes = 16;
 constexpr int kMaps = 5;  // blurred maps: x, y, x^2, y^2, xy
 
-SSIMKD_INLINE int blocks_of(int64_t n, int lanes) { return int((n + lanes - 1) / lanes); }
+SSIMKD_INLINE int blocks_of(int64_t n, int lanes) {
+  return int((n + lanes - 1) / lanes);
+}
 
 // Per-lane running sums over kLanes lanes: the lane of a value is its column's place in a block of
 // kLanes columns of its row. Added in a fixed order at the end.
@@ -337,7 +320,9 @@ struct PhaseTimer {
     last = now;
   }
 };
-inline void end_phase_launch(bool backward) { phase_clock.end_launch(backward); }
+inline void end_phase_launch(bool backward) {
+  phase_clock.end_launch(backward);
+}
 #else
 struct PhaseTimer {
   explicit PhaseTimer(bool) {}
@@ -475,12 +460,12 @@ LaunchPlans<T> plan_launch(const FusedArgs& a, bool backward, const T* taps, int
 template <int R, int N>
 struct Geometry {
   static constexpr int kCentres = (kTileW + 2 * R + N - 1) / N * N;  // widest row of window centres (the
-                                                                       // backward's: the tile plus r each side)
-  static constexpr int kLoadedRows = kTileH + 4 * R + 1;  // plane rows the centres read, + the zero row
-  static constexpr int kLoaded = kCentres + 2 * R;        // widest loaded row
-  static constexpr int kWindowRows = kTileH + 4 * R;      // rows of the centres' windows (padded positions)
-  static constexpr int kTargets = (kTileW + N - 1) / N * N;  // widest row of targets
-  static constexpr int kTargetWindowRows = kTileH + 2 * R;   // centre rows a tile's targets read
+                                                                     // backward's: the tile plus r each side)
+  static constexpr int kLoadedRows = kTileH + 4 * R + 1;             // plane rows the centres read, + the zero row
+  static constexpr int kLoaded = kCentres + 2 * R;                   // widest loaded row
+  static constexpr int kWindowRows = kTileH + 4 * R;                 // rows of the centres' windows (padded positions)
+  static constexpr int kTargets = (kTileW + N - 1) / N * N;          // widest row of targets
+  static constexpr int kTargetWindowRows = kTileH + 2 * R;           // centre rows a tile's targets read
   // A coefficient row holds centre column t0 - R + u at u: the centres start up to 2r into it (valid
   // padding) and the transposed pass reads 2r past the targets.
   static constexpr int kCoeffs = kCentres + 2 * R;
@@ -539,8 +524,8 @@ void reserve(Workspace<T>& ws) {
 // Any shift keeps the math exact (ssim_math.h, moments_from_blurred); one close to every window's
 // mean is what keeps the float32 variances from cancelling.
 template <int N, typename scalar_t, typename T>
-SSIMKD_INLINE T centring_shift(const scalar_t* plane, const int64_t* stride, T scale, T offset,
-                               const AxisPlan<T>& rows, const AxisPlan<T>& cols) {
+SSIMKD_INLINE T centring_shift(const scalar_t* plane, const int64_t* stride, T scale, T offset, const AxisPlan<T>& rows,
+                               const AxisPlan<T>& cols) {
   constexpr int kParts = kLanes / N;
   Vec<T, N> part[kParts];  // the whole blocks of kLanes columns
   for (auto& p : part) p = Vec<T, N>(T(0));
@@ -604,7 +589,8 @@ SSIMKD_INLINE T load_input(const void* base, const int64_t* stride, T scale, T o
     const scalar_t* src = plane + (rows.s0 + i) * stride[2];
     normalise<N>(src + src_col[r0] * step, step, r1 - r0, scale, offset, shift, dst + r0);
     for (const int j : cols.zeros) dst[j] = -shift;
-    for (const int j : cols.reads) dst[j] = fmadd_lane<N>(scale, static_cast<T>(src[src_col[j] * step]) - offset, -shift);
+    for (const int j : cols.reads)
+      dst[j] = fmadd_lane<N>(scale, static_cast<T>(src[src_col[j] * step]) - offset, -shift);
   }
   if (rows.pad) std::fill(out + count * width, out + (count + 1) * width, -shift);
   return shift;
@@ -645,8 +631,7 @@ SSIMKD_INLINE Vec<T, N> symmetric_blur(const T* p, const Vec<T, N>* g) {
   using V = Vec<T, N>;
   V acc = g[R] * V::load(p + R * kStride);
 #pragma GCC unroll 8
-  for (int k = 0; k < R; ++k)
-    acc = fmadd(g[k], V::load(p + k * kStride) + V::load(p + (2 * R - k) * kStride), acc);
+  for (int k = 0; k < R; ++k) acc = fmadd(g[k], V::load(p + k * kStride) + V::load(p + (2 * R - k) * kStride), acc);
   return acc;
 }
 
@@ -683,7 +668,8 @@ SSIMKD_INLINE void horizontal_pass(Workspace<T>& ws, const AxisPlan<T>& rows, co
     if (blurred_at[li] >= 0) {
       const T* from = horizontal + int64_t(blurred_at[li]) * G::kCentres;
       for (int m = 0; m < kMaps; ++m)
-        std::copy(from + m * G::kHorizontalMap, from + m * G::kHorizontalMap + cols.width(), out + m * G::kHorizontalMap);
+        std::copy(from + m * G::kHorizontalMap, from + m * G::kHorizontalMap + cols.width(),
+                  out + m * G::kHorizontalMap);
       continue;
     }
     blurred_at[li] = j;
@@ -730,8 +716,8 @@ SSIMKD_INLINE void vertical_stats(const T* p, const Vec<T, N>* g, Vec<T, N>* s) 
 // ------------------------------------------------------------------------------------------------
 
 template <bool kDefault, int N, typename T>
-SSIMKD_INLINE Vec<T, N> ssim_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N>>& vp, const SsimParams<T>& p,
-                                   T cx, T cy) {
+SSIMKD_INLINE Vec<T, N> ssim_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N>>& vp, const SsimParams<T>& p, T cx,
+                                   T cy) {
   using V = Vec<T, N>;
   if constexpr (kDefault) {
     return ssim_default(moments_from_blurred(s[0], s[1], s[2], s[3], s[4], V(cx), V(cy)), vp);
@@ -749,8 +735,8 @@ SSIMKD_INLINE Vec<T, N> ssim_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N
 // The coefficient maps a_x, b_x, c, a_y, b_y (SPEC section 2) of a vector of centres from the
 // statistics s of the centred inputs, with d = grad_scale * dm/dS + g (the map's own gradient).
 template <bool kDefault, int N, typename T>
-SSIMKD_INLINE void coefficient_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N>>& vp, const SsimParams<T>& p,
-                                     T cx, T cy, T grad_scale, Vec<T, N> g, Vec<T, N>* coef) {
+SSIMKD_INLINE void coefficient_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N>>& vp, const SsimParams<T>& p, T cx,
+                                     T cy, T grad_scale, Vec<T, N> g, Vec<T, N>* coef) {
   using V = Vec<T, N>;
   if constexpr (kDefault) {
     const SsimPartials<V> part =
@@ -930,8 +916,7 @@ SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const 
       vertical_stats<R>(window + b * N, g, s);
       coefficient_lanes<kDefault, N>(s, vparams, params, in.cx, in.cy, grad_scale, V::load(g_row + b * N), coef);
       const auto centre = V::iota() < V(n_centres - b * N);  // lanes past the last centre hold 0
-      for (int m = 0; m < n_coeff; ++m)
-        where(centre, coef[m], V(T(0))).store(coeffs + m * G::kCoeffs + u0 + b * N);
+      for (int m = 0; m < n_coeff; ++m) where(centre, coef[m], V(T(0))).store(coeffs + m * G::kCoeffs + u0 + b * N);
     }
     // Per target vector, every map: a border vector's weights are loaded once for all maps.
     T* dst = transposed + (first_row + i) * G::kTargets;
@@ -963,7 +948,8 @@ SSIMKD_INLINE void target_row(const T* p, const Vec<T, N>* w, int blocks, int ow
     const int valid = ow - b * N;
     V blurred[kMaps];
     for (int m = 0; m < (kNeedY ? 5 : 3); ++m)
-      blurred[m] = kPlain ? symmetric_blur<R, G::kTargets>(at + m * kMap, w) : weighted_blur<R, G::kTargets>(at + m * kMap, w);
+      blurred[m] =
+          kPlain ? symmetric_blur<R, G::kTargets>(at + m * kMap, w) : weighted_blur<R, G::kTargets>(at + m * kMap, w);
     const V xv = V::load(xh + b * N), yv = V::load(yh + b * N);
     const V gxh = blurred[0] + V(T(2)) * xv * blurred[1] + yv * blurred[2];
     gxh.store(gx_hat + b * N);
@@ -1084,23 +1070,23 @@ SSIMKD_INLINE void backward_tile(const FusedArgs& a, const LaunchPlans<AccType<s
 template <Isa isa>
 struct TileFunctions;
 
-#define SSIMKD_TILE_FUNCTIONS(ISA, TARGET)                                                                          \
-  template <>                                                                                                      \
-  struct TileFunctions<ISA> {                                                                                      \
-    template <typename T>                                                                                          \
-    static constexpr int kWidth = vector_bytes(ISA) / int(sizeof(T));                                              \
-    template <typename scalar_t, int R>                                                                            \
-    TARGET static void forward(const FusedArgs& a, const LaunchPlans<AccType<scalar_t>>& plans, int64_t tile,      \
-                               Workspace<AccType<scalar_t>>& ws, const AccType<scalar_t>* taps,                   \
-                               AccType<scalar_t>* out) {                                                           \
-      forward_tile<scalar_t, R, kWidth<AccType<scalar_t>>>(a, plans, tile, ws, taps, out);                        \
-    }                                                                                                              \
-    template <typename scalar_t, int R>                                                                            \
-    TARGET static void backward(const FusedArgs& a, const LaunchPlans<AccType<scalar_t>>& plans, int64_t tile,     \
-                                Workspace<AccType<scalar_t>>& ws, const AccType<scalar_t>* taps,                  \
-                                AccType<scalar_t>* out) {                                                          \
-      backward_tile<scalar_t, R, kWidth<AccType<scalar_t>>>(a, plans, tile, ws, taps, out);                       \
-    }                                                                                                              \
+#define SSIMKD_TILE_FUNCTIONS(ISA, TARGET)                                                                     \
+  template <>                                                                                                  \
+  struct TileFunctions<ISA> {                                                                                  \
+    template <typename T>                                                                                      \
+    static constexpr int kWidth = vector_bytes(ISA) / int(sizeof(T));                                          \
+    template <typename scalar_t, int R>                                                                        \
+    TARGET static void forward(const FusedArgs& a, const LaunchPlans<AccType<scalar_t>>& plans, int64_t tile,  \
+                               Workspace<AccType<scalar_t>>& ws, const AccType<scalar_t>* taps,                \
+                               AccType<scalar_t>* out) {                                                       \
+      forward_tile<scalar_t, R, kWidth<AccType<scalar_t>>>(a, plans, tile, ws, taps, out);                     \
+    }                                                                                                          \
+    template <typename scalar_t, int R>                                                                        \
+    TARGET static void backward(const FusedArgs& a, const LaunchPlans<AccType<scalar_t>>& plans, int64_t tile, \
+                                Workspace<AccType<scalar_t>>& ws, const AccType<scalar_t>* taps,               \
+                                AccType<scalar_t>* out) {                                                      \
+      backward_tile<scalar_t, R, kWidth<AccType<scalar_t>>>(a, plans, tile, ws, taps, out);                    \
+    }                                                                                                          \
   };
 SSIMKD_TILE_FUNCTIONS(Isa::kAvx512, SSIMKD_TARGET_AVX512)
 SSIMKD_TILE_FUNCTIONS(Isa::kAvx2, SSIMKD_TARGET_AVX2)
@@ -1110,33 +1096,6 @@ SSIMKD_TILE_FUNCTIONS(Isa::kBaseline, )
 // ------------------------------------------------------------------------------------------------
 // Launch over all tiles, then the fixed-order second stage
 // ------------------------------------------------------------------------------------------------
-
-// Run body(item, state) for items 0 .. count - 1 on every thread, each thread with its own state.
-// Items differ in cost by 1000x (a 4x4 plane vs a full tile), and levels are laid out large to
-// small, so a static split would leave one thread with all the large items: each thread takes the
-// next item from a shared counter instead. Every item writes only its own outputs, so the result does
-// not depend on which thread ran it.
-template <typename State, typename Init, typename Body>
-void for_each_item(int64_t count, const Init& init, const Body& body) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    State state;
-    init(state);
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
-           i = next.fetch_add(1, std::memory_order_relaxed))
-        body(i, state);
-    }
-  });
-}
-
-struct NoState {};
-// Run body(plane) for every plane of a normalisation call, the large planes first.
-template <typename Body>
-void for_each_plane(int64_t planes, const Body& body) {
-  for_each_item<NoState>(planes, [](NoState&) {}, [&](int64_t i, NoState&) { body(i); });
-}
 
 template <typename T>
 void taps_as(const FusedArgs& a, T* taps) {
@@ -1257,273 +1216,15 @@ struct BackwardFn {
   static void run(const FusedArgs& a) { backward_impl<scalar_t, R>(a); }
 };
 
-// ------------------------------------------------------------------------------------------------
-// The min-max normalisation's statistics: per-group bounds, the affine, and their gradient
-// ------------------------------------------------------------------------------------------------
-
-// Calls fn(lane, v) for every element v of plane (n, c) of x, in the accumulation type. On rows that
-// are contiguous, lane is the column's place in its block of kLanes, so the per-lane accumulators of
-// fn vectorise; strided rows and the last columns of a row use lane 0.
-template <typename T, typename scalar_t, typename Fn>
-SSIMKD_INLINE void for_each_element(const scalar_t* x, const int64_t* stride, int64_t n, int64_t c, int64_t H,
-                                    int64_t W, const Fn& fn) {
-  const scalar_t* plane = x + n * stride[0] + c * stride[1];
-  for (int64_t h = 0; h < H; ++h) {
-    const scalar_t* row = plane + h * stride[2];
-    const int64_t step = stride[3];
-    int64_t w = 0;
-    if (step == 1) {
-      for (; w + kLanes <= W; w += kLanes)
-        for (int l = 0; l < kLanes; ++l) fn(l, static_cast<T>(row[w + l]));
-    }
-    for (; w < W; ++w) fn(0, static_cast<T>(row[w * step]));
-  }
-}
-
-// Min and max of one plane, and whether it holds a NaN (torch.amin/amax then give NaN).
-template <typename T>
-struct PlaneBounds {
-  T low = std::numeric_limits<T>::infinity(), high = -std::numeric_limits<T>::infinity();
-  bool nan = false;
-};
-
-template <typename scalar_t, typename T = AccType<scalar_t>>
-SSIMKD_CPU_CLONES PlaneBounds<T> plane_bounds(const scalar_t* x, const int64_t* stride, int64_t n, int64_t c,
-                                              int64_t H, int64_t W) {
-  T lo[kLanes], hi[kLanes], nans[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    lo[l] = std::numeric_limits<T>::infinity();
-    hi[l] = -std::numeric_limits<T>::infinity();
-    nans[l] = T(0);
-  }
-  for_each_element<T>(x, stride, n, c, H, W, [&](int l, T v) {
-    lo[l] = v < lo[l] ? v : lo[l];
-    hi[l] = v > hi[l] ? v : hi[l];
-    nans[l] += v != v ? T(1) : T(0);
-  });
-  PlaneBounds<T> b;
-  for (int l = 0; l < kLanes; ++l) {
-    b.low = lo[l] < b.low ? lo[l] : b.low;
-    b.high = hi[l] > b.high ? hi[l] : b.high;
-    b.nan = b.nan || nans[l] != T(0);
-  }
-  return b;
-}
-
-// How many elements of plane (n, c) equal low, and high (the ties that share the bounds' gradient).
-template <typename scalar_t, typename T = AccType<scalar_t>>
-SSIMKD_CPU_CLONES void count_ties(const scalar_t* x, const int64_t* stride, int64_t n, int64_t c, int64_t H,
-                                  int64_t W, T low, T high, int64_t* n_low, int64_t* n_high) {
-  int64_t lows[kLanes] = {}, highs[kLanes] = {};
-  for_each_element<T>(x, stride, n, c, H, W, [&](int l, T v) {
-    lows[l] += v == low ? 1 : 0;
-    highs[l] += v == high ? 1 : 0;
-  });
-  *n_low = *n_high = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    *n_low += lows[l];
-    *n_high += highs[l];
-  }
-}
-
-// dL/dx of plane (n, c) through its group's bounds: share_low at the ties with low, share_high at
-// the ties with high, 0 elsewhere; NaN everywhere when a bound has no tie (a NaN in the group).
-template <typename scalar_t, typename T>
-SSIMKD_INLINE void tie_gradient_row(const scalar_t* __restrict x, scalar_t* __restrict grad, int64_t W, T base,
-                                    T low, T high, T share_low, T share_high) {
-  for (int64_t w = 0; w < W; ++w) {
-    const T v = static_cast<T>(x[w]);
-    grad[w] = static_cast<scalar_t>(base + (v == low ? share_low : T(0)) + (v == high ? share_high : T(0)));
-  }
-}
-
-template <typename scalar_t, typename T = AccType<scalar_t>>
-SSIMKD_CPU_CLONES void write_tie_gradient(const scalar_t* x, const int64_t* x_stride, scalar_t* grad,
-                                          const int64_t* grad_stride, int64_t n, int64_t c, int64_t H, int64_t W,
-                                          T low, T high, T share_low, T share_high, bool no_match) {
-  const T base = no_match ? std::numeric_limits<T>::quiet_NaN() : T(0);
-  for (int64_t h = 0; h < H; ++h) {
-    const scalar_t* xr = x + n * x_stride[0] + c * x_stride[1] + h * x_stride[2];
-    scalar_t* gr = grad + n * grad_stride[0] + c * grad_stride[1] + h * grad_stride[2];
-    const int64_t xs = x_stride[3], gs = grad_stride[3];
-    if (xs == 1 && gs == 1) {
-      tie_gradient_row(xr, gr, W, base, low, high, share_low, share_high);
-      continue;
-    }
-    for (int64_t w = 0; w < W; ++w) {
-      const T v = static_cast<T>(xr[w * xs]);
-      gr[w * gs] = static_cast<scalar_t>(base + (v == low ? share_low : T(0)) + (v == high ? share_high : T(0)));
-    }
-  }
-}
-
-// Planes of all levels of one normalisation call, flattened: plane i lies in the level l with
-// first[l] <= i < first[l + 1].
-struct PlaneIndex {
-  std::vector<int64_t> first;
-  explicit PlaneIndex(const NormLevel* levels, int count) : first(size_t(count) + 1, 0) {
-    for (int l = 0; l < count; ++l) first[l + 1] = first[l] + levels[l].N * levels[l].C;
-  }
-  int64_t total() const { return first.back(); }
-  int level_of(int64_t i) const { return int(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1; }
-};
-
-template <typename scalar_t>
-void minmax_affine_impl(const NormLevel* levels, int count, int group, double eps) {
-  using T = AccType<scalar_t>;
-  const PlaneIndex index(levels, count);
-  std::vector<PlaneBounds<T>> bounds(size_t(index.total()));
-  for_each_plane(index.total(), [&](int64_t i) {
-    const NormLevel& lv = levels[index.level_of(i)];
-    const int64_t plane = i - index.first[index.level_of(i)];
-    bounds[i] = plane_bounds(static_cast<const scalar_t*>(lv.x), lv.x_stride, plane / lv.C, plane % lv.C, lv.H, lv.W);
-  });
-  // Per group: min and max over its planes (NaN if any plane holds one); then every plane's affine.
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (int l = 0; l < count; ++l) {
-    const NormLevel& lv = levels[l];
-    const int64_t groups = group_count(group, lv.N, lv.C);
-    T* out_bounds = static_cast<T*>(lv.bounds);
-    std::vector<PlaneBounds<T>> per_group(static_cast<size_t>(groups));
-    for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
-      const auto& b = bounds[index.first[l] + plane];
-      auto& g = per_group[group_of_plane(group, plane / lv.C, plane % lv.C, lv.C)];
-      g.low = b.low < g.low ? b.low : g.low;
-      g.high = b.high > g.high ? b.high : g.high;
-      g.nan = g.nan || b.nan;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      out_bounds[2 * g] = per_group[g].nan ? nan : per_group[g].low;
-      out_bounds[2 * g + 1] = per_group[g].nan ? nan : per_group[g].high;
-    }
-    T* affine = static_cast<T*>(lv.affine);
-    for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
-      const int64_t g = group_of_plane(group, plane / lv.C, plane % lv.C, lv.C);
-      const T low = out_bounds[2 * g], high = out_bounds[2 * g + 1];
-      affine[2 * plane] = T(1) / (high - low + T(eps));
-      affine[2 * plane + 1] = low;
-    }
-  }
-}
-
-// dL/dx of every map from its groups' dL/dlow and dL/dhigh (g_bounds[l]: (g_low, g_high) per group),
-// each split evenly among the elements equal to the bound: ties counted per plane (integers: any
-// order gives the same counts), added per group, then every element's share written.
-template <typename scalar_t, typename T = AccType<scalar_t>>
-void split_among_ties(const NormLevel* levels, int count, int group, const std::vector<std::vector<T>>& g_bounds) {
-  const PlaneIndex index(levels, count);
-  std::vector<int64_t> plane_counts(size_t(2 * index.total()));
-  for_each_plane(index.total(), [&](int64_t i) {
-    const int l = index.level_of(i);
-    const NormLevel& lv = levels[l];
-    const int64_t plane = i - index.first[l], n = plane / lv.C, c = plane % lv.C;
-    const T* b = static_cast<const T*>(lv.bounds) + 2 * group_of_plane(group, n, c, lv.C);
-    count_ties(static_cast<const scalar_t*>(lv.x), lv.x_stride, n, c, lv.H, lv.W, b[0], b[1], &plane_counts[2 * i],
-               &plane_counts[2 * i + 1]);
-  });
-  std::vector<std::vector<int64_t>> ties(static_cast<size_t>(count));
-  for (int l = 0; l < count; ++l) {
-    const NormLevel& lv = levels[l];
-    ties[l].assign(size_t(2 * group_count(group, lv.N, lv.C)), 0);
-    for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
-      const int64_t g = group_of_plane(group, plane / lv.C, plane % lv.C, lv.C);
-      ties[l][2 * g] += plane_counts[2 * (index.first[l] + plane)];
-      ties[l][2 * g + 1] += plane_counts[2 * (index.first[l] + plane) + 1];
-    }
-  }
-  for_each_plane(index.total(), [&](int64_t i) {
-    const int l = index.level_of(i);
-    const NormLevel& lv = levels[l];
-    const int64_t plane = i - index.first[l], n = plane / lv.C, c = plane % lv.C;
-    const int64_t g = group_of_plane(group, n, c, lv.C);
-    const T* b = static_cast<const T*>(lv.bounds) + 2 * g;
-    const int64_t n_low = ties[l][2 * g], n_high = ties[l][2 * g + 1];
-    write_tie_gradient(static_cast<const scalar_t*>(lv.x), lv.x_stride, static_cast<scalar_t*>(lv.grad),
-                       lv.grad_stride, n, c, lv.H, lv.W, b[0], b[1], g_bounds[l][2 * g] / T(n_low),
-                       g_bounds[l][2 * g + 1] / T(n_high), n_low == 0 || n_high == 0);
-  });
-}
-
-template <typename scalar_t>
-void minmax_affine_bwd_impl(const NormLevel* levels, int count, int group) {
-  using T = AccType<scalar_t>;
-  // dL/dlow and dL/dhigh per group, its planes in order, in double: scale = 1 / (high - low + eps)
-  // gives d scale / d high = -scale^2 = -d scale / d low; offset = low.
-  std::vector<std::vector<T>> g_bounds(static_cast<size_t>(count));
-  for (int l = 0; l < count; ++l) {
-    const NormLevel& lv = levels[l];
-    std::vector<double> sums(size_t(2 * group_count(group, lv.N, lv.C)), 0.0);
-    const T* affine = static_cast<const T*>(lv.affine);
-    const T* g_affine = static_cast<const T*>(lv.g_affine);
-    for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
-      const int64_t g = group_of_plane(group, plane / lv.C, plane % lv.C, lv.C);
-      const double through_scale = double(g_affine[2 * plane]) * double(affine[2 * plane]) * double(affine[2 * plane]);
-      sums[2 * g] += through_scale + double(g_affine[2 * plane + 1]);
-      sums[2 * g + 1] -= through_scale;
-    }
-    g_bounds[l].assign(sums.begin(), sums.end());
-  }
-  split_among_ties<scalar_t>(levels, count, group, g_bounds);
-}
-
-// minmax_grad of one map: its per-group bounds and their gradients come as separate arrays.
-template <typename scalar_t>
-void minmax_grad_impl(const MinMaxGradArgs& a) {
-  using T = AccType<scalar_t>;
-  const int64_t groups = group_count(a.group, a.N, a.C);
-  std::vector<T> bounds(size_t(2 * groups));
-  std::vector<std::vector<T>> g_bounds(1, std::vector<T>(size_t(2 * groups)));
-  for (int64_t g = 0; g < groups; ++g) {
-    bounds[2 * g] = static_cast<const T*>(a.low)[g];
-    bounds[2 * g + 1] = static_cast<const T*>(a.high)[g];
-    g_bounds[0][2 * g] = static_cast<const T*>(a.g_low)[g];
-    g_bounds[0][2 * g + 1] = static_cast<const T*>(a.g_high)[g];
-  }
-  NormLevel lv{};
-  lv.x = a.x;
-  std::copy(a.x_stride, a.x_stride + 4, lv.x_stride);
-  lv.N = a.N;
-  lv.C = a.C;
-  lv.H = a.H;
-  lv.W = a.W;
-  lv.bounds = bounds.data();
-  lv.grad = a.grad;
-  std::copy(a.grad_stride, a.grad_stride + 4, lv.grad_stride);
-  split_among_ties<scalar_t>(&lv, 1, a.group, g_bounds);
-}
-
 }  // namespace
 
-void minmax_grad_cpu(const MinMaxGradArgs& args) {
-  switch (args.dtype) {
-    case DType::kFloat32: return minmax_grad_impl<float>(args);
-    case DType::kFloat64: return minmax_grad_impl<double>(args);
-    case DType::kFloat16: return minmax_grad_impl<c10::Half>(args);
-    case DType::kBFloat16: return minmax_grad_impl<c10::BFloat16>(args);
-  }
+TileShape cpu_tile_shape(bool) {
+  return {kTileH, kTileW};
 }
 
-void minmax_affine_cpu(const NormLevel* levels, int count, DType dtype, int group, double eps) {
-  switch (dtype) {
-    case DType::kFloat32: return minmax_affine_impl<float>(levels, count, group, eps);
-    case DType::kFloat64: return minmax_affine_impl<double>(levels, count, group, eps);
-    case DType::kFloat16: return minmax_affine_impl<c10::Half>(levels, count, group, eps);
-    case DType::kBFloat16: return minmax_affine_impl<c10::BFloat16>(levels, count, group, eps);
-  }
+const char* cpu_isa_name() {
+  return isa_name(cpu_isa());
 }
-
-void minmax_affine_bwd_cpu(const NormLevel* levels, int count, DType dtype, int group) {
-  switch (dtype) {
-    case DType::kFloat32: return minmax_affine_bwd_impl<float>(levels, count, group);
-    case DType::kFloat64: return minmax_affine_bwd_impl<double>(levels, count, group);
-    case DType::kFloat16: return minmax_affine_bwd_impl<c10::Half>(levels, count, group);
-    case DType::kBFloat16: return minmax_affine_bwd_impl<c10::BFloat16>(levels, count, group);
-  }
-}
-
-TileShape cpu_tile_shape(bool) { return {kTileH, kTileW}; }
-
-const char* cpu_isa_name() { return isa_name(cpu_isa()); }
 
 void ssim_fwd_cpu(const FusedArgs& args) {
   if (args.total_tiles > 0) dispatch<ForwardFn>(args);
