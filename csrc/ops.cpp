@@ -3,12 +3,12 @@
 // allocates outputs, fills FusedArgs and calls the CPU or CUDA launcher; and their autograd, here in
 // C++ (an op's Python autograd costs ~0.3 ms a call in pytree handling, as much as the small levels'
 // kernels). Fake kernels are registered in Python (ssimkd_kernels/ops.py).
-#include <Python.h>
-#include <torch/library.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <Python.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
@@ -27,7 +27,7 @@ namespace {
 // The fused ops' scalar options, in schema order: the one list that Options, the ops' parameters, their
 // schema and the autograd's saved state are generated from (Python: KernelOptions in ops.py; a test checks
 // that the two schemas agree). X(C++ type, name, schema type).
-#define SSIMKD_FUSED_OPTIONS(X) \
+#define SSIMKD_FUSED_OPTIONS(X)  \
   X(int64_t, window_size, "int") \
   X(double, sigma, "float")      \
   X(double, c1, "float")         \
@@ -69,7 +69,9 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
                   const Options& o) {
@@ -85,16 +87,17 @@ void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines
   for (size_t l = 0; l < xs.size(); ++l) {
     const auto& x = xs[l];
     const auto& y = ys[l];
-    TORCH_CHECK(x.dim() == 4 && y.dim() == 4, "ssimkd: level ", l, ": inputs must be (N, C, H, W), got ",
-                x.sizes(), " and ", y.sizes());
+    TORCH_CHECK(x.dim() == 4 && y.dim() == 4, "ssimkd: level ", l, ": inputs must be (N, C, H, W), got ", x.sizes(),
+                " and ", y.sizes());
     TORCH_CHECK(x.sizes() == y.sizes(), "ssimkd: level ", l, ": student ", x.sizes(), " vs teacher ", y.sizes());
     TORCH_CHECK(x.scalar_type() == dtype && y.scalar_type() == dtype, "ssimkd: level ", l,
                 ": every level must have dtype ", dtype, ", got ", x.scalar_type(), " and ", y.scalar_type());
     TORCH_CHECK(x.device() == xs[0].device() && y.device() == xs[0].device(), "ssimkd: level ", l,
                 ": every tensor must be on ", xs[0].device());
     if (o.padding == kValid) {
-      TORCH_CHECK(x.size(2) >= o.window_size && x.size(3) >= o.window_size, "ssimkd: level ", l, ": padding 'valid' needs planes of at least ",
-                  o.window_size, "x", o.window_size, ", got ", x.size(2), "x", x.size(3));
+      TORCH_CHECK(x.size(2) >= o.window_size && x.size(3) >= o.window_size, "ssimkd: level ", l,
+                  ": padding 'valid' needs planes of at least ", o.window_size, "x", o.window_size, ", got ", x.size(2),
+                  "x", x.size(3));
     }
   }
   for (auto* affines : {&x_affines, &y_affines}) {
@@ -114,7 +117,9 @@ void copy_strides(const at::Tensor& t, int64_t* out) {
   for (int d = 0; d < 4; ++d) out[d] = t.stride(d);
 }
 
-void* ptr_or_null(const std::vector<at::Tensor>& v, size_t i) { return v.empty() ? nullptr : v[i].data_ptr(); }
+void* ptr_or_null(const std::vector<at::Tensor>& v, size_t i) {
+  return v.empty() ? nullptr : v[i].data_ptr();
+}
 
 // Fill the launch-wide fields and the tile geometry of levels [begin, end).
 FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
@@ -220,7 +225,9 @@ void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
   backward ? ssim_bwd_cpu(args) : ssim_fwd_cpu(args);
 }
 
-int64_t output_size(int64_t n, const Options& o) { return output_extent(n, int(o.window_size / 2), int(o.padding)); }
+int64_t output_size(int64_t n, const Options& o) {
+  return output_extent(n, int(o.window_size / 2), int(o.padding));
+}
 
 template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
@@ -340,8 +347,8 @@ at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Ten
   for (const at::Tensor* t : {&low, &high, &g_low, &g_high}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == groups && t->scalar_type() == acc && t->is_contiguous() &&
                     t->device() == x.device(),
-                "ssimkd: minmax_grad: per-group tensors must be contiguous (", groups, ",) ", acc, ", got ",
-                t->sizes(), " ", t->scalar_type());
+                "ssimkd: minmax_grad: per-group tensors must be contiguous (", groups, ",) ", acc, ", got ", t->sizes(),
+                " ", t->scalar_type());
   }
   const c10::OptionalDeviceGuard guard(x.device());
   at::Tensor grad = at::empty_like(x);
@@ -364,9 +371,9 @@ at::Tensor minmax_grad(const at::Tensor& x, const at::Tensor& low, const at::Ten
   copy_strides(grad, a.grad_stride);
   if constexpr (target == Target::kCudaEmulated) {
     TORCH_CHECK(x.is_cpu(), "ssimkd: the emulated CUDA kernels run on CPU tensors");
-    minmax_grad_cuda_emulated(a, {extent_of(x, "x"), extent_of(low, "low"), extent_of(high, "high"),
-                                  extent_of(g_low, "g_low"), extent_of(g_high, "g_high"), extent_of(counts, "counts"),
-                                  extent_of(grad, "grad")});
+    minmax_grad_cuda_emulated(
+        a, {extent_of(x, "x"), extent_of(low, "low"), extent_of(high, "high"), extent_of(g_low, "g_low"),
+            extent_of(g_high, "g_high"), extent_of(counts, "counts"), extent_of(grad, "grad")});
     return grad;
   }
 #ifdef SSIMKD_WITH_CUDA
@@ -398,7 +405,7 @@ NormLevel norm_level(const at::Tensor& x, const at::Tensor& affine, const at::Te
 // returns per map the (N, C, 2) affine (scale, offset) and the (groups, 2) bounds (min, max) that its
 // backward needs. All maps share one dtype (loss.py promotes them first).
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> minmax_affine(at::TensorList feats, int64_t group,
-                                                                             double eps) {
+                                                                           double eps) {
   TORCH_CHECK(!feats.empty(), "ssimkd: minmax_affine: at least one feature map is required");
   TORCH_CHECK(group >= kGroupSample && group <= kGroupPlane, "ssimkd: minmax_affine: unknown group ", group);
   const auto dtype = feats[0].scalar_type();
@@ -430,17 +437,18 @@ std::vector<at::Tensor> minmax_affine_bwd(at::TensorList grad_affines, at::Tenso
   for (size_t l = 0; l < feats.size(); ++l) {
     const at::Tensor& x = feats[l];
     const auto acc = accumulation_type(x.scalar_type());
-    TORCH_CHECK(x.dim() == 4 && x.is_cpu() && x.scalar_type() == feats[0].scalar_type(), "ssimkd: minmax_affine_bwd: map ",
-                l, " must be a CPU (N, C, H, W) tensor of dtype ", feats[0].scalar_type());
+    TORCH_CHECK(x.dim() == 4 && x.is_cpu() && x.scalar_type() == feats[0].scalar_type(),
+                "ssimkd: minmax_affine_bwd: map ", l, " must be a CPU (N, C, H, W) tensor of dtype ",
+                feats[0].scalar_type());
     for (const at::Tensor* t : {&grad_affines[l], &affines[l]}) {
       TORCH_CHECK(t->dim() == 3 && t->size(0) == x.size(0) && t->size(1) == x.size(1) && t->size(2) == 2 &&
                       t->scalar_type() == acc && t->is_contiguous(),
                   "ssimkd: minmax_affine_bwd: map ", l, ": affines must be contiguous (N, C, 2) ", acc, ", got ",
                   t->sizes());
     }
-    TORCH_CHECK(bounds[l].dim() == 2 && bounds[l].size(1) == 2 && bounds[l].scalar_type() == acc &&
-                    bounds[l].is_contiguous(),
-                "ssimkd: minmax_affine_bwd: map ", l, ": bounds must be contiguous (groups, 2) ", acc);
+    TORCH_CHECK(
+        bounds[l].dim() == 2 && bounds[l].size(1) == 2 && bounds[l].scalar_type() == acc && bounds[l].is_contiguous(),
+        "ssimkd: minmax_affine_bwd: map ", l, ": bounds must be contiguous (groups, 2) ", acc);
     grads.push_back(at::empty_like(x));
     NormLevel& lv = levels[l];
     lv = norm_level(x, affines[l], bounds[l]);
@@ -448,10 +456,10 @@ std::vector<at::Tensor> minmax_affine_bwd(at::TensorList grad_affines, at::Tenso
     lv.grad = grads.back().data_ptr();
     copy_strides(grads.back(), lv.grad_stride);
   }
-  if (!feats.empty()) minmax_affine_bwd_cpu(levels.data(), int(levels.size()), to_dtype(feats[0].scalar_type()), int(group));
+  if (!feats.empty())
+    minmax_affine_bwd_cpu(levels.data(), int(levels.size()), to_dtype(feats[0].scalar_type()), int(group));
   return grads;
 }
-
 
 // ------------------------------------------------------------------------------------------------
 // Autograd: the fused forward saves its inputs only; the backward op recomputes everything
@@ -502,19 +510,19 @@ variable_list saved_inputs(AutogradContext* ctx) {
 template <Target target>
 struct FusedOps {
   static c10::TypedOperatorHandle<FwdSignature> forward() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(target == Target::kNative ? "ssimkd::fused_ssim_fwd"
-                                                                            : "ssimkd::fused_ssim_fwd_cuda_emulated",
-                                                  "")
-                               .typed<FwdSignature>();
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow(
+                target == Target::kNative ? "ssimkd::fused_ssim_fwd" : "ssimkd::fused_ssim_fwd_cuda_emulated", "")
+            .typed<FwdSignature>();
     return op;
   }
   static c10::TypedOperatorHandle<BwdSignature> backward() {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(target == Target::kNative ? "ssimkd::fused_ssim_bwd"
-                                                                            : "ssimkd::fused_ssim_bwd_cuda_emulated",
-                                                  "")
-                               .typed<BwdSignature>();
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow(
+                target == Target::kNative ? "ssimkd::fused_ssim_bwd" : "ssimkd::fused_ssim_bwd_cuda_emulated", "")
+            .typed<BwdSignature>();
     return op;
   }
 };
@@ -575,9 +583,9 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
     if (write_map) {
       for (int64_t l = 0; l < levels; ++l) grad_maps.push_back(grads[1 + l].to(acc).contiguous());
     }
-    auto [gxs, gys, gxa, gya] = FusedOps<target>::backward().call(
-        grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_MEMBER),
-        x_needs, y_needs);
+    auto [gxs, gys, gxa, gya] =
+        FusedOps<target>::backward().call(grad_losses, grad_maps, xs, ys, x_affines, y_affines,
+                                          level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_MEMBER), x_needs, y_needs);
     auto place = [&](const std::vector<at::Tensor>& computed, int64_t first) {
       for (size_t i = 0; i < computed.size(); ++i) out[first + i] = computed[i];
     };
@@ -604,8 +612,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd_autograd(
 
 using MinMaxAffineSignature = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(at::TensorList, int64_t,
                                                                                            double);
-using MinMaxAffineBwdSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
-                                                         at::TensorList, int64_t);
+using MinMaxAffineBwdSignature = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                                         int64_t);
 
 // The normalisation's affines: saves the maps, the affines and the bounds (not differentiable: they
 // are returned only so the backward finds the exact min and max).
@@ -613,9 +621,8 @@ class MinMaxAffineFunction : public torch::autograd::Function<MinMaxAffineFuncti
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList feats, int64_t group, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ssimkd::minmax_affine", "")
-                               .typed<MinMaxAffineSignature>();
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("ssimkd::minmax_affine", "").typed<MinMaxAffineSignature>();
     auto [affines, bounds] = op.call(feats, group, eps);
     variable_list saved(feats.begin(), feats.end());
     saved.insert(saved.end(), affines.begin(), affines.end());
@@ -652,14 +659,15 @@ class MinMaxAffineFunction : public torch::autograd::Function<MinMaxAffineFuncti
     }
     variable_list out(count + 2);  // the maps, then group and eps
     if (wanted.empty()) return out;
-    const std::vector<at::Tensor> computed = op.call(g_affines, feats, affines, bounds, ctx->saved_data["group"].toInt());
+    const std::vector<at::Tensor> computed =
+        op.call(g_affines, feats, affines, bounds, ctx->saved_data["group"].toInt());
     for (size_t k = 0; k < wanted.size(); ++k) out[wanted[k]] = computed[k];
     return out;
   }
 };
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> minmax_affine_autograd(at::TensorList feats, int64_t group,
-                                                                                     double eps) {
+                                                                                    double eps) {
   const variable_list out = MinMaxAffineFunction::apply(feats, group, eps);
   const size_t count = feats.size();
   return {std::vector<at::Tensor>(out.begin(), out.begin() + count),
@@ -687,12 +695,15 @@ TORCH_LIBRARY(ssimkd, m) {
   m.def((std::string("fused_ssim_fwd_cuda_emulated") + kFwdSchema).c_str());
   m.def((std::string("fused_ssim_bwd_cuda_emulated") + kBwdSchema).c_str());
   m.def("minmax_grad(Tensor x, Tensor low, Tensor high, Tensor g_low, Tensor g_high, int group) -> Tensor");
-  m.def("minmax_grad_cuda_emulated(Tensor x, Tensor low, Tensor high, Tensor g_low, Tensor g_high, int group) -> Tensor");
+  m.def(
+      "minmax_grad_cuda_emulated(Tensor x, Tensor low, Tensor high, Tensor g_low, Tensor g_high, int group) -> Tensor");
   // Tests of the emulation's checks only: plant a bug in later emulated launches; the barriers met.
   m.def("cuda_emulated_plant_bug(str bug, str site, int value) -> ()", &cuda_emulated_plant_bug_op);
   m.def("cuda_emulated_barrier_sites() -> str[]", &cuda_emulated_barrier_sites);
   m.def("minmax_affine(Tensor[] feats, int group, float eps) -> (Tensor[], Tensor[])");
-  m.def("minmax_affine_bwd(Tensor[] grad_affines, Tensor[] feats, Tensor[] affines, Tensor[] bounds, int group) -> Tensor[]");
+  m.def(
+      "minmax_affine_bwd(Tensor[] grad_affines, Tensor[] feats, Tensor[] affines, Tensor[] bounds, int group) -> "
+      "Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ssimkd, CPU, m) {

@@ -115,8 +115,7 @@ struct Moments {
 // mean is large next to the local spread, and shrinks the terms of the gradient the same way.
 template <typename T>
 SSIMKD_HD Moments<T> moments_from_blurred(T blur_x, T blur_y, T blur_xx, T blur_yy, T blur_xy, T cx, T cy) {
-  return {blur_x + cx, blur_y + cy, blur_xx - blur_x * blur_x, blur_yy - blur_y * blur_y,
-          blur_xy - blur_x * blur_y};
+  return {blur_x + cx, blur_y + cy, blur_xx - blur_x * blur_x, blur_yy - blur_y * blur_y, blur_xy - blur_x * blur_y};
 }
 
 // SSIM and its partials with respect to the five statistics (the moments held independent).

@@ -33,47 +33,47 @@ using AccType = typename Accumulation<scalar_t>::type;
 // channels_last and sliced inputs are read in place. "acc" = the accumulation type (float, or double
 // for float64 inputs); outputs are written as the declared dtype.
 struct LevelDesc {
-  const void* x;            // [N, C, H, W] student, input dtype
-  const void* y;            // [N, C, H, W] teacher, input dtype
-  int64_t x_stride[4];      // element strides of x (n, c, h, w)
-  int64_t y_stride[4];      // element strides of y
-  const void* x_affine;     // [N, C, 2] (scale, offset) of x-hat = scale * (x - offset), acc; null = identity
-  const void* y_affine;     // [N, C, 2] likewise for y
+  const void* x;               // [N, C, H, W] student, input dtype
+  const void* y;               // [N, C, H, W] teacher, input dtype
+  int64_t x_stride[4];         // element strides of x (n, c, h, w)
+  int64_t y_stride[4];         // element strides of y
+  const void* x_affine;        // [N, C, 2] (scale, offset) of x-hat = scale * (x - offset), acc; null = identity
+  const void* y_affine;        // [N, C, 2] likewise for y
   int64_t x_affine_stride[3];  // element strides of x_affine (n, c, k): broadcast views need no copy
   int64_t y_affine_stride[3];
-  double loss_scale;        // level_losses[l] = loss_scale * (sum of m over the level), e.g. 1 / (N C Ho Wo)
-  const void* grad_loss;    // backward: [1] dL / d level_losses[l], acc
-  const void* grad_map;     // backward: [N, C, Ho, Wo] contiguous dL / dS, acc; null = none
-  void* map;                // forward: [N, C, Ho, Wo] contiguous SSIM map, acc; null = not written
-  void* gx;                 // backward: [N, C, H, W] dL/dx, input dtype; null = not needed
-  void* gy;                 // backward: [N, C, H, W] dL/dy, input dtype; null = not needed
-  int64_t gx_stride[4];     // element strides of gx
-  int64_t gy_stride[4];     // element strides of gy
-  void* g_x_affine;         // backward: [N, C, 2] dL / d(scale, offset) of x, acc; null = not needed
-  void* g_y_affine;         // backward: [N, C, 2] likewise for y
-  int64_t N, C, H, W;       // sizes
-  int64_t tiles_h, tiles_w; // tile grid over one plane
-  int64_t tile_begin;       // global index of this level's first tile; a level's tiles are consecutive,
-                            // plane-major: tile_begin + plane * tiles_h * tiles_w + th * tiles_w + tw
+  double loss_scale;         // level_losses[l] = loss_scale * (sum of m over the level), e.g. 1 / (N C Ho Wo)
+  const void* grad_loss;     // backward: [1] dL / d level_losses[l], acc
+  const void* grad_map;      // backward: [N, C, Ho, Wo] contiguous dL / dS, acc; null = none
+  void* map;                 // forward: [N, C, Ho, Wo] contiguous SSIM map, acc; null = not written
+  void* gx;                  // backward: [N, C, H, W] dL/dx, input dtype; null = not needed
+  void* gy;                  // backward: [N, C, H, W] dL/dy, input dtype; null = not needed
+  int64_t gx_stride[4];      // element strides of gx
+  int64_t gy_stride[4];      // element strides of gy
+  void* g_x_affine;          // backward: [N, C, 2] dL / d(scale, offset) of x, acc; null = not needed
+  void* g_y_affine;          // backward: [N, C, 2] likewise for y
+  int64_t N, C, H, W;        // sizes
+  int64_t tiles_h, tiles_w;  // tile grid over one plane
+  int64_t tile_begin;        // global index of this level's first tile; a level's tiles are consecutive,
+                             // plane-major: tile_begin + plane * tiles_h * tiles_w + th * tiles_w + tw
 };
 
 // Everything one launch (all its levels, one direction) needs.
 struct FusedArgs {
   LevelDesc levels[kMaxLevelsPerLaunch];
   int num_levels;
-  int64_t total_tiles;     // sum over levels of N * C * tiles_h * tiles_w
-  DType dtype;             // input dtype of every x and y
-  int window;              // odd, kMinWindow..kMaxWindow
-  int radius;              // window / 2
-  int padding;             // Padding
-  int tile_h, tile_w;      // output tile of one program / block (chosen by the backend)
-  double taps[kMaxWindow]; // Gaussian taps g[0..window-1], gaussian_taps()
-  double c1, c2;           // SsimParams::c1, c2
+  int64_t total_tiles;      // sum over levels of N * C * tiles_h * tiles_w
+  DType dtype;              // input dtype of every x and y
+  int window;               // odd, kMinWindow..kMaxWindow
+  int radius;               // window / 2
+  int padding;              // Padding
+  int tile_h, tile_w;       // output tile of one program / block (chosen by the backend)
+  double taps[kMaxWindow];  // Gaussian taps g[0..window-1], gaussian_taps()
+  double c1, c2;            // SsimParams::c1, c2
   double alpha, beta, gamma;
   bool clamp;
-  void* tile_partials;     // scratch, acc: forward [total_tiles] sums of m; backward [total_tiles, 4] sums
-                           // of (gx_hat * (x - x_offset), gx_hat, gy_hat * (y - y_offset), gy_hat) per tile
-  void* level_losses;      // forward output: [num_levels] loss_scale * sum of m per level, acc
+  void* tile_partials;  // scratch, acc: forward [total_tiles] sums of m; backward [total_tiles, 4] sums
+                        // of (gx_hat * (x - x_offset), gx_hat, gy_hat * (y - y_offset), gy_hat) per tile
+  void* level_losses;   // forward output: [num_levels] loss_scale * sum of m per level, acc
 };
 
 template <typename T>
@@ -125,17 +125,17 @@ SSIMKD_HD void affine_gradient(T scale, T sum_g_centred, T sum_g, const Out& g) 
 enum Group : int { kGroupSample = 0, kGroupLevel = 1, kGroupPlane = 2 };  // normalize "sample", "level", "plane"
 
 struct MinMaxGradArgs {
-  const void* x;            // [N, C, H, W] input dtype, any strides
+  const void* x;  // [N, C, H, W] input dtype, any strides
   int64_t x_stride[4];
   int64_t N, C, H, W;
-  int group;                // Group
+  int group;  // Group
   DType dtype;
-  const void* low;          // [groups] acc: the group's min, max, and dL/dmin, dL/dmax
+  const void* low;  // [groups] acc: the group's min, max, and dL/dmin, dL/dmax
   const void* high;
   const void* g_low;
   const void* g_high;
-  void* counts;             // scratch [groups, 2] int64: ties with min and with max
-  void* grad;               // [N, C, H, W] input dtype, strides grad_stride
+  void* counts;  // scratch [groups, 2] int64: ties with min and with max
+  void* grad;    // [N, C, H, W] input dtype, strides grad_stride
   int64_t grad_stride[4];
 };
 
@@ -153,13 +153,13 @@ void minmax_grad_cpu(const MinMaxGradArgs& args);
 // One feature map of a fused min-max normalisation call (CPU): the per-group bounds, the per-plane
 // affine x-hat = scale * (x - offset), scale = 1 / (max - min + eps), offset = min, and its gradient.
 struct NormLevel {
-  const void* x;            // [N, C, H, W] input dtype, any strides
+  const void* x;  // [N, C, H, W] input dtype, any strides
   int64_t x_stride[4];
   int64_t N, C, H, W;
-  void* affine;             // [N, C, 2] contiguous acc: (scale, offset) per plane; forward output
-  void* bounds;             // [groups, 2] contiguous acc: (min, max) per group; forward output
-  const void* g_affine;     // backward: [N, C, 2] contiguous acc, dL/d(scale, offset)
-  void* grad;               // backward: [N, C, H, W] input dtype, dL/dx, strides grad_stride
+  void* affine;          // [N, C, 2] contiguous acc: (scale, offset) per plane; forward output
+  void* bounds;          // [groups, 2] contiguous acc: (min, max) per group; forward output
+  const void* g_affine;  // backward: [N, C, 2] contiguous acc, dL/d(scale, offset)
+  void* grad;            // backward: [N, C, H, W] input dtype, dL/dx, strides grad_stride
   int64_t grad_stride[4];
 };
 
