@@ -62,6 +62,18 @@ EXPONENT_GENERAL = tl.constexpr(3)  # any other e: NaN for negative terms, as st
 LANES = 256
 NUM_WARPS = 8
 MAX_SLOTS = 16
+# Register caps (ptxas .maxnreg) per kernel. Left to itself under Triton's .reqntid, ptxas holds the
+# forward at 128 registers and spills 16-48 bytes (zero padding, window 15); given an explicit cap it
+# allocates what it needs below it without spilling: the default forward 118-126 (2 programs, 16 warps
+# per SM), valid padding or window 15 up to 153. A cap of 128 spills those; 168 does not. The backward
+# needs more (window 15 with the teacher gradient: all 255) and gets the architecture's maximum.
+MAX_REGISTERS = {"fwd": 168, "bwd": 255}
+
+
+def launch_options(kernel: str) -> dict:
+    """The compile options of the forward ("fwd") or backward ("bwd") kernel, for its launches and for
+    kernel_report (which compiles them for a GPU target without one)."""
+    return dict(num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS[kernel])
 MAX_LEVELS = tl.constexpr(MAX_LEVELS_PER_LAUNCH)
 
 # The level table: one int64 row per level, these columns. Offsets are in elements from level 0's
@@ -1053,7 +1065,7 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
             partials_ptr=partials, scratch_ptr=scratch,
             num_levels=len(xs[part]), c1=options.c1, c2=options.c2, alpha=options.alpha, beta=options.beta,
             gamma=options.gamma, HAS_AFFINE=bool(x_aff), WRITE_MAP=write_map, **constants,
-            **_layout_flags(xs[part], ys[part]), num_warps=NUM_WARPS,
+            **_layout_flags(xs[part], ys[part]), **launch_options("fwd"),
         )
         _level_sum_kernel[(len(xs[part]),)](partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales,
                                             out_ptr=losses[part], CHUNK=256)
@@ -1087,7 +1099,7 @@ def ssim_bwd_triton(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_
             grad_ptr=grad_losses[part], partials_ptr=partials, scratch_ptr=scratch, num_levels=len(xs[part]),
             c1=options.c1, c2=options.c2, alpha=options.alpha, beta=options.beta, gamma=options.gamma,
             HAS_AFFINE=has_affine, HAS_GRAD_MAP=bool(grad_maps), NEED_X=x_needs_grad, NEED_Y=y_needs_grad,
-            **constants, **_layout_flags(xs[part], ys[part]), num_warps=NUM_WARPS,
+            **constants, **_layout_flags(xs[part], ys[part]), **launch_options("bwd"),
         )
         if has_affine and (x_needs_grad or y_needs_grad):
             begin = 0
