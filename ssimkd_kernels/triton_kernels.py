@@ -1,35 +1,57 @@
 """Triton kernels of the fused SSIM-KD forward and backward (SPEC section 4), and their launchers.
 
-Design: rolling rows. A program owns a few *slots* in lockstep, each a strip of consecutive columns of
-one plane of one level, one lane (one thread) per column, and walks down all the rows of its planes:
+Design: rolling rows. A program owns up to MAX_SLOTS *slots* in lockstep, each a strip of consecutive
+columns of one plane of one level (one lane, one thread, per column; a strip carries a halo of window
+centres when a plane has several strips), and walks down all the rows of its planes:
 
-- Forward (lanes = output columns). Per input row: the horizontal 2r+1-tap pass of the five maps
-  x, y, x^2, y^2, xy straight from global memory by 2r+1 shifted loads of the row (L1 serves the
-  repeats; the padding's index map is applied to the column once per program); the five horizontal
-  rows go into five rings of 2r+1 rows (Triton tuples, so registers); the vertical pass is
-  sum_k g_k ring[k] (FMAs with the taps as immediates); then the SSIM terms, m, and a running sum.
-- Backward (lanes = window-centre columns; a strip carries an r-column halo of centres when a plane
-  has several strips). The same statistics rings give the centres' moments one row at a time; the
-  coefficient rows a, b, c (SPEC section 2) are written to a small per-program scratch row (double
-  buffered, one barrier per row), read back by 2r+1 shifted loads and weighted by the true transpose of
-  the padded blur along the row (M_w, per lane, from a host table that holds every reflect fold); those
-  rows go into a second ring, whose vertical transposed sum (weights M_h, per row, from the same table)
-  gives W^T a, W^T b, W^T c for one gradient row: dL/dx-hat = W^T a + 2 x' W^T b + y' W^T c.
+- Forward (lanes = output columns). Per output row p: the vertical 2r+1-tap pass of the five maps
+  x', y', x'^2, y'^2, x'y' at each lane's own column, from 2r+1 loads of the column (the next rows
+  read the same lines again from L1); the five column sums go to a per-program scratch row (double
+  buffered: one barrier per row) and come back by 2r+1 shifted loads, weighted per lane by the padded
+  blur along the row (a host table: reflect folds, zero padding's share, 0 off the plane); then the
+  SSIM terms, m, the map row and a running per-lane sum.
+- Backward (lanes = window-centre columns). The same statistics per centre row p; the coefficient rows
+  a, b, c (SPEC section 2) through the scratch row again, weighted by the true transpose of the padded
+  blur along the row (M_w); the transposed vertical pass runs as 2r open sums per map in registers
+  (Triton tuples; weights M_h are taps or, near a reflect border, from the table), so centre row p
+  completes gradient row p - r: dL/dx-hat = W^T a + 2 x' W^T b + y' W^T c.
+- Rows whose windows cross the top or bottom edge run in their own loops through the padding's index
+  map; interior rows (most of them) take plain offsets.
 
 Every slot's sums are reduced per (plane, strip) pair, then in a fixed order per level (loss) and per
-plane (the affine's gradient): no float atomics, so results are bitwise deterministic run to run.
+plane (the affine's gradient): no float atomics, so results are bitwise deterministic run to run, and
+per-plane sums come for free.
 
-Why this design (static figures from bench/kernel_report.py, no GPU: sm_90, triton 3.8, float32,
-default options, retinanet levels; fwd+bwd per output element, counting tensor-core MACs as FMAs):
+Why this design. Static figures from bench/kernel_report.py (no GPU; sm_90, triton 3.8, float32,
+default options, SPEC's retinanet levels; per element of one input; FMA counts FFMA plus tensor-core
+MACs one for one; SPEC's direct separable blur needs ~290 per element fwd+bwd):
 
-    design                                    regs fwd/bwd   spills fwd/bwd (B)   FMA per element
-    64x64 band product, ieee (the previous)   32 / 32        16,248 / 23,952      DESIGN_TABLE_OLD
-    DESIGN_TABLE_REST
+    design (sm_90, fp32, defaults)             regs      stack B        FMA/element     instr/element  est. us
+                                               fwd/bwd   fwd/bwd        fwd / bwd       fwd / bwd      fwd+bwd
+    band product 64x64, ieee, 4 warps (prev.)  32/32     16,248/26,144  1,548 / 3,600   5,882 / 17,530  18,679
+    band product 32x32, tf32x3, 4 warps        255/255   176/272        4,503 / 21,673  1,445 / 14,045   5,310
+    rolling rows, horizontal first, rings      128/-     0/-            124 / -         376 / -            -
+    rolling rows, vertical first (this file)   128/212   0/0            128 / 213       649 / 1,020        572
 
-Numerics follow csrc/ssim_math.h: the statistics are moments of x-hat minus a per-lane centre (the
-horizontally blurred first row at that column), exact for any shift, which keeps float32 variances
-from cancelling; the backward's gradient is assembled around one centre per slot (the slot's first
-pixel), which every centre of the slot converts its mean to.
+(FMA for tf32x3 is its MMA MACs, 3 products each, plus FFMA; est. us: bench/kernel_report.py's
+estimated lower bound for SPEC's retinanet workload on an H100 SXM, not a measurement; SPEC's floor
+is ~99 us. The backward is the student-gradient one; with the teacher gradient too: 251 registers,
+no spills, 265 FMA per element.) The "horizontal first" variant pushes the five horizontally blurred
+rows into tuple rings of 2r+1 registers and needs no scratch row nor barrier in the forward; its
+forward issues 0.58x the instructions of this one, but its backward (coefficient rows through the
+scratch, a second ring for the transposed vertical pass) does not compile yet (a loop-carried tuple
+whose type changes in a branch), so this file keeps the vertical-first forward and backward, which
+share their statistics code.
+
+The band products (previous design) spend K = BLOCK MACs per output where the blur needs 2r+1 and
+keep ~10 fp32 tiles per program live, so both tile shapes measured spill; on tensor cores (tf32x3,
+3 MMAs per product) the MAC count grows further. The rolling rows keep per lane only the moments of
+the current row, its 2r+1 weights along the row and (backward) 2r open sums per map, so nothing
+spills; each blur tap is one FMA. The register caps that keep ptxas from spilling are MAX_REGISTERS below.
+
+Numerics follow csrc/ssim_math.h: the statistics are moments of x' = x-hat minus a centre per slot
+(the mean of x-hat over the slot's first output row's windows), exact for any shift, which keeps
+float32 variances from cancelling; the backward forms x' with the very same rounding as the forward.
 """
 
 from __future__ import annotations
