@@ -63,6 +63,7 @@ def row_of(config: kr.KernelConfig, stats: kr.KernelStats, workload) -> dict:
         per_element={k: round(v, 2) for k, v in sorted(mix.items())},
         fma_per_element=round(kr.fma_per_element(mix, stats.mma_macs_per_row), 1),
         instructions_per_element=round(sum(mix.values()), 1), per_interior_row=stats.per_row,
+        row_barriers=stats.row_barriers,
         compile_seconds=round(stats.compile_seconds, 1))
 
 
@@ -151,6 +152,11 @@ def main(argv=None) -> dict:
     print(format_rows(rows))
     with_local = [r["config"] + f" sm_{r['arch']}" for r in rows if r["local_memory"]]
     print(f"\nlocal memory (spills, stack): {'none' if not with_local else ', '.join(with_local)}")
+    converting = [r["config"] + f" sm_{r['arch']}" for r in rows
+                  if r["row_barriers"] != kr.ROW_BARRIERS[r["config"].split("/")[0]]]
+    if converting:
+        print("row loops with more barriers than rows need (layout conversions through shared memory, or no "
+              f"row loop found; their per-element figures are rough): {', '.join(converting)}")
     result = dict(environment=environment(), workload=workload.name, rows=rows, local_memory=with_local)
     if 90 in archs:
         result["estimate"] = estimate(rows, workload)

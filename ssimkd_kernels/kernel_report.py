@@ -201,11 +201,14 @@ def parse_sass(sass: str, kernel: str) -> dict:
     """Split a kernel's SASS into what runs once per program and the bodies of its loops.
 
     Loops are backward branches. A row loop holds the row barriers (ROW_BARRIERS per row; an unrolled
-    body holds a multiple, and is divided back to one row). The kernels run their rows in three loops:
-    rows whose window crosses the top edge, interior rows, rows crossing the bottom edge; the interior
-    loop is the smallest (no index map). Returns SassMix values: "program" (outside every loop),
-    "interior" (per row), "border" (per row, one per border loop) and "other" (per iteration of loops
-    without barriers: the backward's tail)."""
+    body holds a multiple, and is divided back to one row). The kernels keep no shared memory of their
+    own, so a row body with shared-memory traffic holds layout conversions (each with barriers: seen
+    with triton 3.6); it is not divided, and "row_barriers" (the interior body's) shows it.
+    The kernels run their rows in three loops: rows whose window crosses the top edge, interior rows,
+    rows crossing the bottom edge; the interior loop is the smallest (no index map). Returns SassMix
+    values: "program" (outside every loop), "interior" (per row), "border" (per row, one per border
+    loop) and "other" (per iteration of loops without barriers: the backward's tail), and
+    "row_barriers"."""
     parsed = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
     loops = []
     for address, op, rest in parsed:
@@ -227,12 +230,15 @@ def parse_sass(sass: str, kernel: str) -> dict:
     for a, b in loops:
         body = mix(lambda address, a=a, b=b: a <= address <= b)
         if body.counts["BAR"] >= barriers:
-            rows.append(body.scaled(1.0 / max(1, round(body.counts["BAR"] / barriers))))
+            converts = body.counts["LDS"] + body.counts["STS"] > 0
+            unrolled = 1 if converts else max(1, round(body.counts["BAR"] / barriers))
+            rows.append((body.scaled(1.0 / unrolled), body.counts["BAR"]))
         elif body.total > 1:
             others.append(body)
-    rows.sort(key=lambda body: body.total)
+    rows.sort(key=lambda row: row[0].total)
     program = mix(lambda address: not any(a <= address <= b for a, b in loops))
-    return dict(program=program, interior=rows[0] if rows else SassMix(), border=rows[1:], other=others)
+    return dict(program=program, interior=rows[0][0] if rows else SassMix(), border=[r[0] for r in rows[1:]],
+                other=others, row_barriers=rows[0][1] if rows else 0)
 
 
 @dataclass
@@ -256,6 +262,7 @@ class KernelStats:
     per_border_row: list  # the same for each border-row loop
     other_loops: list  # per iteration, by opcode (the backward's tail loop)
     mma_macs_per_row: float
+    row_barriers: int  # barriers in the interior row loop's body (ROW_BARRIERS unless layouts convert)
     compile_seconds: float
 
     @property
@@ -303,6 +310,7 @@ def stats_of(compiled, config_name: str, kernel: str, arch: int, num_warps: int,
         occupancy=warps / SM_LIMITS[arch]["warps"], per_program=dict(parts["program"].counts),
         per_row=dict(parts["interior"].counts), per_border_row=[dict(b.counts) for b in parts["border"]],
         other_loops=[dict(o.counts) for o in parts["other"]], mma_macs_per_row=parts["interior"].mma_macs,
+        row_barriers=int(parts["row_barriers"]),
         compile_seconds=seconds)
 
 
