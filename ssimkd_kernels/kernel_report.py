@@ -127,7 +127,7 @@ def kernel_constants(config: KernelConfig) -> dict:
     from .ops import KernelOptions
 
     options = KernelOptions(config.window, 1.5, 1e-4, 9e-4, PADDING_CODES[config.padding], *config.exponents, True)
-    constants = dict(module.kernel_constants(options), HAS_AFFINE=config.affine, WIDE=False, SAME_ROW_STRIDE=True)
+    constants = dict(module.kernel_constants(options), HAS_AFFINE=config.affine, WIDE=False)
     if config.kernel == "fwd":
         constants.update(WRITE_MAP=False)
     else:

@@ -276,16 +276,6 @@ def _affine(aff_ptr, row, lanes: Lanes, OFF: tl.constexpr, S_N: tl.constexpr, S_
 
 
 @triton.jit
-def _taps_vector(TAPS: tl.constexpr, R: tl.constexpr, KP: tl.constexpr):
-    """The taps as a [KP] vector (KP = 2r+1 rounded up to a power of two; zeros past 2r)."""
-    k = tl.arange(0, KP)
-    g = tl.zeros((KP,), tl.float32)
-    for j in tl.static_range(2 * R + 1):
-        g = tl.where(k == j, TAPS[j], g)
-    return g
-
-
-@triton.jit
 def _power(v, e, KIND: tl.constexpr, ODD: tl.constexpr):
     """(v^e, d v^e / dv) as std::pow in csrc/ssim_math.h; KIND from the host (_exponent_kind)."""
     if KIND == EXPONENT_ABSENT:
@@ -403,33 +393,41 @@ def _gather_weights(weights_ptr, row, lanes: Lanes, R: tl.constexpr, KP: tl.cons
 
 
 @triton.jit
-def _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff: Affine, y_aff: Affine, cx, cy, g, x_koff, y_koff,
-                    R: tl.constexpr, KP: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr):
+def _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr,
+                    R: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr):
     """The vertical pass for output row p at each lane's own column: sum over k of g_k z(p - r + k) for
-    z = x', y', x'^2, y'^2, x'y' (x' = x-hat - cx). BORDER: some of the rows are off the plane, read
-    through the padding's index map; else they are p - r .. p + r."""
-    k = tl.arange(0, KP)
-    inside = k < 2 * R + 1
-    if BORDER:
-        source = _source_index(p - R + k, H, PADDING)
-        x_off = source * xs_h
-        y_off = source * ys_h
-        if PADDING == ZERO:
-            inside = inside & (source >= 0)
-    else:
-        x_off = (p - R) * xs_h + x_koff
-        y_off = (p - R) * ys_h + y_koff
-    inside = inside[:, None]
-    xr = tl.load(x_col[None, :] + x_off[:, None], mask=inside, other=0.0).to(tl.float32)
-    yr = tl.load(y_col[None, :] + y_off[:, None], mask=inside, other=0.0).to(tl.float32)
-    outside_x = -cx[None, :] if PADDING == ZERO else 0.0  # zero padding: x-hat = 0 off the plane
-    outside_y = -cy[None, :] if PADDING == ZERO else 0.0
-    xv = tl.where(inside, xr * x_aff.scale[None, :] - (x_aff.scale * x_aff.offset + cx)[None, :], outside_x)
-    yv = tl.where(inside, yr * y_aff.scale[None, :] - (y_aff.scale * y_aff.offset + cy)[None, :], outside_y)
-    gx = g[:, None] * xv
-    gy = g[:, None] * yv
-    return (tl.sum(gx, axis=0), tl.sum(gy, axis=0), tl.sum(gx * xv, axis=0), tl.sum(gy * yv, axis=0),
-            tl.sum(gx * yv, axis=0))
+    z = x', y', x'^2, y'^2, x'y' (x' = x-hat - cx), g the taps (immediates). BORDER: some of the rows
+    are off the plane, read through the padding's index map; else they are p - r .. p + r. One 1-D
+    load per tap, not a [taps, lanes] block: triton 3.6 gives such blocks a layout that it converts
+    through shared memory every row, and spills."""
+    shift_x = x_aff.scale * x_aff.offset + cx
+    shift_y = y_aff.scale * y_aff.offset + cy
+    sx = tl.zeros_like(cx)
+    sy = tl.zeros_like(cx)
+    sxx = tl.zeros_like(cx)
+    syy = tl.zeros_like(cx)
+    sxy = tl.zeros_like(cx)
+    for k in tl.static_range(2 * R + 1):
+        if BORDER:
+            source = _source_index(p - R + k, H, PADDING)
+            inside = source >= 0
+            xr = tl.load(x_col + source * xs_h, mask=inside, other=0.0).to(tl.float32)
+            yr = tl.load(y_col + source * ys_h, mask=inside, other=0.0).to(tl.float32)
+            outside_x = -cx if PADDING == ZERO else 0.0
+            outside_y = -cy if PADDING == ZERO else 0.0
+            xv = tl.where(inside, xr * x_aff.scale - shift_x, outside_x)
+            yv = tl.where(inside, yr * y_aff.scale - shift_y, outside_y)
+        else:
+            xv = tl.load(x_col + (p - R + k) * xs_h).to(tl.float32) * x_aff.scale - shift_x
+            yv = tl.load(y_col + (p - R + k) * ys_h).to(tl.float32) * y_aff.scale - shift_y
+        gx = g[k] * xv
+        gy = g[k] * yv
+        sx += gx
+        sy += gy
+        sxx += gx * xv
+        syy += gy * yv
+        sxy += gx * yv
+    return sx, sy, sxx, syy, sxy
 
 
 @triton.jit
@@ -466,14 +464,14 @@ def _row_moments(scratch, columns, weights, outside, cx, cy, R: tl.constexpr, KP
 
 
 @triton.jit
-def _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff: Affine, y_aff: Affine, g, x_koff, y_koff, lanes: Lanes,
+def _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff: Affine, y_aff: Affine, g: tl.constexpr, lanes: Lanes,
                   R: tl.constexpr, KP: tl.constexpr, PADDING: tl.constexpr, MAX_SLOTS: tl.constexpr):
     """Per lane: the centres cx, cy of its slot, the mean of x-hat and y-hat over the first output row's
     windows (the vertical pass of rows p0 - r .. p0 + r, averaged over the slot's columns). Any centre
     is exact; one near the data keeps the float32 variances E[x'^2] - mu'^2 from cancelling."""
     zero = tl.zeros((x_col.shape[0],), tl.float32)
-    columns = _column_moments(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, zero, zero, g, x_koff, y_koff, R, KP,
-                              PADDING, True)
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, zero, zero, g, R, PADDING,
+                              True)
     s = tl.arange(0, MAX_SLOTS)[:, None]
     member = (lanes.slot[None, :] == s) & lanes.active[None, :]
     count = tl.maximum(tl.sum(member.to(tl.float32), axis=1), 1.0)[:, None]
@@ -489,7 +487,7 @@ def _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff: Affine, y_aff: Affine,
 
 
 @triton.jit
-def _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff: Affine, y_aff: Affine, cx, cy, g, x_koff, y_koff,
+def _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr,
                  gather, outside, scratch, out_col, map_row, out_w, c1, c2, alpha, beta, gamma, R: tl.constexpr,
                  KP: tl.constexpr, ROW: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr,
                  WRITE_MAP: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr,
@@ -497,8 +495,8 @@ def _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff: Affine, y_aff: Af
     """Output row p: the vertical pass at the lanes' columns, the horizontal pass through `scratch` (the
     buffer of this row's parity: slower warps may still read the other one), the SSIM terms; returns
     total + m (on the output columns) and stores S to the map when asked."""
-    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, x_koff, y_koff, R, KP,
-                              PADDING, BORDER)
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING,
+                              BORDER)
     mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
     S, _, _, _, _, _ = _ssim_and_partials(mu_x + cx, mu_y + cy, e_xx - mu_x * mu_x, e_yy - mu_y * mu_y,
                                           e_xy - mu_x * mu_y, c1, c2, alpha, beta, gamma,
@@ -517,7 +515,7 @@ def _ssim_fwd_kernel(
     num_levels, c1, c2, alpha, beta, gamma,
     TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr,
     WRITE_MAP: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr,
-    KINDS: tl.constexpr, ODDS: tl.constexpr, WIDE: tl.constexpr, SAME_ROW_STRIDE: tl.constexpr, LANES: tl.constexpr,
+    KINDS: tl.constexpr, ODDS: tl.constexpr, WIDE: tl.constexpr, LANES: tl.constexpr,
     MAX_SLOTS: tl.constexpr,
 ):
     # One program: slots of output columns (plus an r halo when a plane has several strips) of one level,
@@ -542,9 +540,7 @@ def _ssim_fwd_kernel(
     y_col = y_plane + lanes.load_col.to(tl.int64) * ys_w
     x_aff = _affine(xa_ptr, row, lanes, COL_XA_OFF, COL_XA_N, COL_XA_C, COL_XA_K, HAS_AFFINE)
     y_aff = _affine(ya_ptr, row, lanes, COL_YA_OFF, COL_YA_N, COL_YA_C, COL_YA_K, HAS_AFFINE)
-    g = _taps_vector(TAPS, R, KP)
-    x_koff = tl.arange(0, KP) * xs_h
-    y_koff = x_koff if SAME_ROW_STRIDE else tl.arange(0, KP) * ys_h
+    g: tl.constexpr = TAPS
     k = tl.arange(0, KP)[:, None]
     gather, outside = _gather_weights(weights_ptr, row, lanes, R, KP)
     # Output rows [p0, p_end) and columns: window centres whose window lies in the padded plane.
@@ -555,7 +551,7 @@ def _ssim_fwd_kernel(
         out_col = out_col & (lanes.col >= R) & (lanes.col < W - R)
 
     # ---- centring on a mean of each slot's first windows; scratch rows: 2 buffers x 5 maps
-    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, x_koff, y_koff, lanes, R, KP, PADDING,
+    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING,
                            MAX_SLOTS)
     scratch = _scratch_lanes(scratch_ptr, 10, ROW, R, LANES)
 
@@ -568,17 +564,17 @@ def _ssim_fwd_kernel(
     bottom = tl.maximum(top, H - R) if PADDING != VALID else p_end
     total = tl.zeros((LANES,), tl.float32)
     for p in range(p0, top):
-        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, x_koff, y_koff, gather,
+        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
                              outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
                              beta, gamma, R, KP, ROW, PADDING, True, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
                              KINDS, ODDS)
     for p in range(top, bottom):
-        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, x_koff, y_koff, gather,
+        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
                              outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
                              beta, gamma, R, KP, ROW, PADDING, False, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
                              KINDS, ODDS)
     for p in range(bottom, p_end):
-        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, x_koff, y_koff, gather,
+        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
                              outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
                              beta, gamma, R, KP, ROW, PADDING, True, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
                              KINDS, ODDS)
@@ -655,7 +651,7 @@ def _gradient_rows(u, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, la
 
 @triton.jit
 def _backward_row(p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H,
-                  lanes: Lanes, x_aff: Affine, y_aff: Affine, cx, cy, g, x_koff, y_koff, gather, outside, transpose,
+                  lanes: Lanes, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr, gather, outside, transpose,
                   row_table, scratch, centre_col, grad_scale, gmap_row, out_w, c1, c2, alpha, beta, gamma,
                   TAPS: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, ROW: tl.constexpr, NUM_MAPS: tl.constexpr,
                   PADDING: tl.constexpr, BORDER: tl.constexpr, HAS_GRAD_MAP: tl.constexpr, NEED_X: tl.constexpr,
@@ -666,8 +662,8 @@ def _backward_row(p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_co
     the affine's sums). Returns (the open sums, sums_x, sums_y)."""
     coefficients = scratch + 5 * ROW
     # ---- statistics at centre row p
-    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, x_koff, y_koff, R, KP,
-                              PADDING, BORDER)
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING,
+                              BORDER)
     mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
     S, dS_dmu_x, dS_dmu_y, dS_dvar_x, dS_dvar_y, dS_dcov = _ssim_and_partials(
         mu_x + cx, mu_y + cy, e_xx - mu_x * mu_x, e_yy - mu_y * mu_y, e_xy - mu_x * mu_y, c1, c2, alpha, beta,
@@ -709,7 +705,7 @@ def _ssim_bwd_kernel(
     TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr,
     HAS_GRAD_MAP: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr,
     CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr, KINDS: tl.constexpr, ODDS: tl.constexpr, WIDE: tl.constexpr,
-    SAME_ROW_STRIDE: tl.constexpr, LANES: tl.constexpr, MAX_SLOTS: tl.constexpr,
+    LANES: tl.constexpr, MAX_SLOTS: tl.constexpr,
 ):
     # One program: slots of gradient columns of one level (plus a 2r halo of window centres and their
     # columns when a plane has several strips), all rows. Per centre row p, the statistics as in the
@@ -743,9 +739,7 @@ def _ssim_bwd_kernel(
     gys_h = tl.load(row + COL_GYS_H)
     x_aff = _affine(xa_ptr, row, lanes, COL_XA_OFF, COL_XA_N, COL_XA_C, COL_XA_K, HAS_AFFINE)
     y_aff = _affine(ya_ptr, row, lanes, COL_YA_OFF, COL_YA_N, COL_YA_C, COL_YA_K, HAS_AFFINE)
-    g = _taps_vector(TAPS, R, KP)
-    x_koff = tl.arange(0, KP) * xs_h
-    y_koff = x_koff if SAME_ROW_STRIDE else tl.arange(0, KP) * ys_h
+    g: tl.constexpr = TAPS
     k = tl.arange(0, KP)[:, None]
     gather, outside = _gather_weights(weights_ptr, row, lanes, R, KP)
     # M_w(q, q - r + j) for each lane's column q (zero where q - r + j is no window centre)
@@ -761,7 +755,7 @@ def _ssim_bwd_kernel(
 
     # ---- centring on a mean of each slot's first windows; scratch rows (5 moments, then NUM_MAPS
     # coefficients: one buffer is enough, as each row passes two barriers)
-    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, x_koff, y_koff, lanes, R, KP, PADDING,
+    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING,
                            MAX_SLOTS)
     scratch = _scratch_lanes(scratch_ptr, 5 + NUM_MAPS, ROW, R, LANES)
 
@@ -780,19 +774,19 @@ def _ssim_bwd_kernel(
     for p in range(p0, top):
         transposed, sums_x, sums_y = _backward_row(
             p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
-            y_aff, cx, cy, g, x_koff, y_koff, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
+            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
             gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, True, HAS_GRAD_MAP,
             NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
     for p in range(top, bottom):
         transposed, sums_x, sums_y = _backward_row(
             p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
-            y_aff, cx, cy, g, x_koff, y_koff, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
+            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
             gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, False, HAS_GRAD_MAP,
             NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
     for p in range(bottom, p_end):
         transposed, sums_x, sums_y = _backward_row(
             p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
-            y_aff, cx, cy, g, x_koff, y_koff, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
+            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
             gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, True, HAS_GRAD_MAP,
             NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
     # ---- past the last centre row: the open sums complete without new terms
@@ -1037,10 +1031,9 @@ def _exponent_kind(e: float) -> int:
 
 
 def _layout_flags(xs, ys) -> dict:
-    """WIDE: some offset within a plane may reach 2^31 elements (the kernels then use int64 offsets);
-    SAME_ROW_STRIDE: x and y step alike between rows (their row offsets are one set of registers)."""
+    """WIDE: some offset within a plane may reach 2^31 elements (the kernels then use int64 offsets)."""
     wide = any(max(t.shape[2] * abs(t.stride(2)), t.shape[3] * abs(t.stride(3))) >= 2**31 for t in list(xs) + list(ys))
-    return dict(WIDE=wide, SAME_ROW_STRIDE=all(x.stride(2) == y.stride(2) for x, y in zip(xs, ys)))
+    return dict(WIDE=wide)
 
 
 def kernel_constants(options) -> dict:
