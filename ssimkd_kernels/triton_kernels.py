@@ -31,17 +31,17 @@ MACs one for one; SPEC's direct separable blur needs ~290 per element fwd+bwd):
     band product 64x64, ieee, 4 warps (prev.)  32/32     16,248/26,144  1,548 / 3,600   5,882 / 17,530  18,679
     band product 32x32, tf32x3, 4 warps        255/255   176/272        4,503 / 21,673  1,445 / 14,045   5,310
     rolling rows, horizontal first, rings      128/-     0/-            124 / -         376 / -            -
-    rolling rows, vertical first (this file)   128/212   0/0            128 / 213       649 / 1,020        572
+    rolling rows, vertical first (this file)   128/216   0/0            163 / 248       646 / 1,020        571
 
 (FMA for tf32x3 is its MMA MACs, 3 products each, plus FFMA; est. us: bench/kernel_report.py's
 estimated lower bound for SPEC's retinanet workload on an H100 SXM, not a measurement; SPEC's floor
-is ~99 us. The backward is the student-gradient one; with the teacher gradient too: 251 registers,
-no spills, 265 FMA per element.) The "horizontal first" variant pushes the five horizontally blurred
-rows into tuple rings of 2r+1 registers and needs no scratch row nor barrier in the forward; its
-forward issues 0.58x the instructions of this one, but its backward (coefficient rows through the
-scratch, a second ring for the transposed vertical pass) does not compile yet (a loop-carried tuple
-whose type changes in a branch), so this file keeps the vertical-first forward and backward, which
-share their statistics code.
+is ~99 us. The backward is the student-gradient one; with the teacher gradient too: 255 registers,
+no spills on sm_90, 300 FMA per element; window 15 with it spills 8 bytes on sm_80.) The "horizontal
+first" variant pushes the five horizontally blurred rows into tuple rings of 2r+1 registers and
+needs no scratch row nor barrier in the forward; its forward issues 0.58x the instructions of this
+one, but its backward (coefficient rows through the scratch, a second ring for the transposed
+vertical pass) does not compile yet (a loop-carried tuple whose type changes in a branch), so this
+file keeps the vertical-first forward and backward, which share their statistics code.
 
 The band products (previous design) spend K = BLOCK MACs per output where the blur needs 2r+1 and
 keep ~10 fp32 tiles per program live, so both tile shapes measured spill; on tensor cores (tf32x3,
