@@ -90,6 +90,21 @@ def _bench(args) -> int:
     return 0
 
 
+def _kernels(args) -> int:
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    if not (bench_dir / "kernel_report.py").exists():
+        print("ssimkd kernels needs the bench/ folder of a source checkout", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(bench_dir))
+    import kernel_report
+
+    argv = ["--arch", args.arch] + (["--default"] if args.default else []) + (["--no-save"] if args.no_save else [])
+    result = kernel_report.main(argv)
+    return 1 if result["local_memory"] else 0
+
+
 # Errors of configuration and data that deserve one clear line, not a traceback.
 def _user_errors():
     from .distill.data import DataError
@@ -184,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="speed and memory of every backend and peer (bench/bench_ssim.py)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench/bench_ssim.py")
     bench.set_defaults(func=_bench)
+    kernels = sub.add_parser("kernels", help="static GPU report of the kernels, no GPU needed (bench/kernel_report.py)")
+    kernels.add_argument("--arch", default="80,90", help="comma list of SM versions to compile for (80, 90)")
+    kernels.add_argument("--default", action="store_true", help="only the default forward and backward")
+    kernels.add_argument("--no-save", action="store_true", help="do not write the JSON to bench/results/")
+    kernels.set_defaults(func=_kernels)
     _add_distill_commands(sub)
     return parser
 

@@ -1,61 +1,184 @@
 """Triton kernels of the fused SSIM-KD forward and backward (SPEC section 4), and their launchers.
 
-One program owns one tile of one plane of one level; a level table (one int64 row per level) lets a
-single launch cover every level. Inputs are addressed as (base pointer of level 0) + (element offset of
-level l), so any strides work and no level is copied.
+Design: rolling rows. A program owns up to MAX_SLOTS *slots* in lockstep, each a strip of consecutive
+columns of one plane of one level (one lane, one thread, per column; a strip carries a halo of window
+centres when a plane has several strips), and walks down all the rows of its planes:
 
-The blur. Triton has no explicit shared memory, so a program cannot run the separable 11-tap passes
-over a tile in place the way the CUDA kernel does. The passes are instead banded matrix products on
-tensor cores: with the tile's BLOCK x BLOCK region X, the horizontal pass is X @ G and the vertical
-pass is G^T @ (X @ G), where G[a, b] = g[a - b] for 0 <= a - b <= 2r. The backward's true transpose
-of the padded blur is the same with the transposed band M (whose border rows collect reflect folds):
-W^T K = A_h @ K @ M_w. Two other designs were weighed: rolling rows (a ring of 2r + 1 horizontally
-blurred rows carried through a row loop: Triton cannot index a register ring, so every step would
-select over the whole ring) and direct shifted loads (121 taps per output instead of 22, served from
-L1). The banded product does ~4x the multiply-adds of a direct blur, all on tensor cores. This module
-was written and tested without a GPU (in Triton's interpreter); which design is fastest on an H100 is
-still to be measured, and DOT_PRECISION ("ieee" exact fp32 by default; "tf32x3" is the tensor-core
-fp32 emulation) is one switch of that study: set SSIMKD_TRITON_DOT.
+- Forward (lanes = output columns). Per output row p: the vertical 2r+1-tap pass of the five maps
+  x', y', x'^2, y'^2, x'y' at each lane's own column, from 2r+1 loads of the column (the next rows
+  read the same lines again from L1); the five column sums go to a per-program scratch row (double
+  buffered: one barrier per row) and come back by 2r+1 shifted loads, weighted per lane by the padded
+  blur along the row (a host table: reflect folds, zero padding's share, 0 off the plane); then the
+  SSIM terms, m, the map row and a running per-lane sum.
+- Backward (lanes = window-centre columns). The same statistics per centre row p; the coefficient rows
+  a, b, c (SPEC section 2) through the scratch row again, weighted by the true transpose of the padded
+  blur along the row (M_w); the transposed vertical pass runs as 2r open sums per map in registers
+  (Triton tuples; weights M_h are taps or, near a reflect border, from the table), so centre row p
+  completes gradient row p - r: dL/dx-hat = W^T a + 2 x' W^T b + y' W^T c.
+- Rows whose windows cross the top or bottom edge run in their own loops through the padding's index
+  map; interior rows (most of them) take plain offsets.
 
-Numerics follow csrc/ssim_math.h: each tile centres x and y on the mean of its loaded region before
-forming moments (exact for any shift; it keeps float32 variances from cancelling).
-Reductions are per-tile sums then a fixed-order second stage: no float atomics, bitwise deterministic.
+Every slot's sums are reduced per (plane, strip) pair, then in a fixed order per level (loss) and per
+plane (the affine's gradient): no float atomics, so results are bitwise deterministic run to run, and
+per-plane sums come for free.
+
+Why this design. Static figures from bench/kernel_report.py (no GPU; sm_90, triton 3.8, float32,
+default options, SPEC's retinanet levels; per element of one input; FMA counts FFMA plus tensor-core
+MACs one for one; SPEC's direct separable blur needs ~290 per element fwd+bwd):
+
+    design (sm_90, fp32, defaults)             regs      stack B        FMA/element     instr/element  est. us
+                                               fwd/bwd   fwd/bwd        fwd / bwd       fwd / bwd      fwd+bwd
+    band product 64x64, ieee, 4 warps (prev.)  32/32     16,248/26,144  1,548 / 3,600   5,882 / 17,530  18,679
+    band product 32x32, tf32x3, 4 warps        255/255   176/272        4,503 / 21,673  1,445 / 14,045   5,310
+    rolling rows, horizontal first, rings      128/-     0/-            124 / -         376 / -            -
+    rolling rows, vertical first (this file)   128/216   0/0            163 / 248       646 / 1,020        571
+
+(FMA for tf32x3 is its MMA MACs, 3 products each, plus FFMA; est. us: bench/kernel_report.py's
+estimated lower bound for SPEC's retinanet workload on an H100 SXM, not a measurement; SPEC's floor
+is ~99 us. The backward is the student-gradient one; with the teacher gradient too: 255 registers,
+no spills on sm_90, 300 FMA per element; window 15 with it spills 8 bytes on sm_80.) The "horizontal
+first" variant pushes the five horizontally blurred rows into tuple rings of 2r+1 registers and
+needs no scratch row nor barrier in the forward; its forward issues 0.58x the instructions of this
+one, but its backward (coefficient rows through the scratch, a second ring for the transposed
+vertical pass) does not compile yet (a loop-carried tuple whose type changes in a branch), so this
+file keeps the vertical-first forward and backward, which share their statistics code.
+
+The band products (previous design) spend K = BLOCK MACs per output where the blur needs 2r+1 and
+keep ~10 fp32 tiles per program live, so both tile shapes measured spill; on tensor cores (tf32x3,
+3 MMAs per product) the MAC count grows further. The rolling rows keep per lane only the moments of
+the current row, its 2r+1 weights along the row and (backward) 2r open sums per map, so nothing
+spills; each blur tap is one FMA. The register caps that keep ptxas from spilling are MAX_REGISTERS below.
+
+Numerics follow csrc/ssim_math.h: the statistics are moments of x' = x-hat minus a centre per slot
+(the mean of x-hat over the slot's first output row's windows), exact for any shift, which keeps
+float32 variances from cancelling; the backward forms x' with the very same rounding as the forward.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._constants import EPS_SIGMA, PADDING_CODES
-from .reference import gaussian_window_1d
+from ._constants import EPS_SIGMA, MAX_LEVELS_PER_LAUNCH, PADDING_CODES
+from .reference import gaussian_window_1d, reflect_index
 
-REFLECT, ZERO, VALID = PADDING_CODES["reflect"], PADDING_CODES["zero"], PADDING_CODES["valid"]
-# Region of one program, rows x columns. The forward's output tile is BLOCK - 2r square, the
-# backward's BLOCK - 4r (its region carries a 2r halo).
-BLOCK = 64
-DOT_PRECISION = os.environ.get("SSIMKD_TRITON_DOT", "ieee")
+# Padding codes (the Padding enum of csrc/ssim_math.h), as the kernels' PADDING constexpr.
+REFLECT = tl.constexpr(PADDING_CODES["reflect"])
+ZERO = tl.constexpr(PADDING_CODES["zero"])
+VALID = tl.constexpr(PADDING_CODES["valid"])
 
-# Columns of the level table, one int64 row per level: element offsets from level 0's tensors, strides,
-# sizes, tile grid. Constexprs, so the kernels can name them.
-_FIELD_NAMES = (
-    "F_X_OFF", "F_Y_OFF", "F_XS_N", "F_XS_C", "F_XS_H", "F_XS_W", "F_YS_N", "F_YS_C", "F_YS_H", "F_YS_W",
-    "F_N", "F_C", "F_H", "F_W", "F_TILES_H", "F_TILES_W", "F_TILE_BEGIN", "F_PLANE_BEGIN",
-    "F_XA_OFF", "F_XA_N", "F_XA_C", "F_XA_K", "F_YA_OFF", "F_YA_N", "F_YA_C", "F_YA_K",
-    "F_MAP_OFF", "F_GMAP_OFF",
-    "F_GX_OFF", "F_GXS_N", "F_GXS_C", "F_GXS_H", "F_GXS_W", "F_GY_OFF", "F_GYS_N", "F_GYS_C", "F_GYS_H", "F_GYS_W",
-)
-for _index, _name in enumerate(_FIELD_NAMES):
-    globals()[_name] = tl.constexpr(_index)
-NUM_FIELDS = len(_FIELD_NAMES)
+# How _power raises a term to an exponent (chosen on the host by _exponent_kind).
+EXPONENT_ABSENT = tl.constexpr(0)  # e = 0: the factor is 1
+EXPONENT_ONE = tl.constexpr(1)  # e = 1: the term itself, exactly
+EXPONENT_INTEGER = tl.constexpr(2)  # integer e >= 2: defined for negative terms (sign by parity)
+EXPONENT_GENERAL = tl.constexpr(3)  # any other e: NaN for negative terms, as std::pow
+
+# Lanes of one program: one thread each (8 warps), the most a slot can span. A level's planes are cut
+# into strips and packed into slots so that few lanes idle (level_plan); a program holds at most
+# MAX_SLOTS slots, so its per-slot sums stay a small reduction (16 values per thread: 32 would cost the
+# forward 46 more registers, half its occupancy).
+LANES = 256
+NUM_WARPS = 8
+MAX_SLOTS = 16
+# Register caps (ptxas .maxnreg) per kernel. Left to itself under Triton's .reqntid, ptxas holds the
+# forward at 128 registers and spills 16-48 bytes (zero padding, window 15); given an explicit cap it
+# allocates what it needs below it without spilling: the default forward 118-126 (2 programs, 16 warps
+# per SM), valid padding or window 15 up to 153. A cap of 128 spills those; 168 does not. The backward
+# needs more (window 15 with the teacher gradient: all 255) and gets the architecture's maximum.
+MAX_REGISTERS = {"fwd": 168, "bwd": 255}
+
+
+def launch_options(kernel: str) -> dict:
+    """The compile options of the forward ("fwd") or backward ("bwd") kernel, for its launches and for
+    kernel_report (which compiles them for a GPU target without one)."""
+    return dict(num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS[kernel])
+MAX_LEVELS = tl.constexpr(MAX_LEVELS_PER_LAUNCH)
+
+# The level table: one int64 row per level, these columns. Offsets are in elements from level 0's
+# tensor of the same role, so one launch covers every level without copying any.
+COL_X_OFF = tl.constexpr(0)  # x: offset and strides (n, c, h, w)
+COL_XS_N = tl.constexpr(1)
+COL_XS_C = tl.constexpr(2)
+COL_XS_H = tl.constexpr(3)
+COL_XS_W = tl.constexpr(4)
+COL_Y_OFF = tl.constexpr(5)  # y: offset and strides
+COL_YS_N = tl.constexpr(6)
+COL_YS_C = tl.constexpr(7)
+COL_YS_H = tl.constexpr(8)
+COL_YS_W = tl.constexpr(9)
+COL_C = tl.constexpr(10)  # channels, rows, columns of the level's planes
+COL_H = tl.constexpr(11)
+COL_W = tl.constexpr(12)
+COL_STRIPS = tl.constexpr(13)  # strips per plane; (plane, strip) pairs are numbered plane * strips + strip
+COL_STRIP_W = tl.constexpr(14)  # columns a strip owns (outputs, or gradient columns)
+COL_SLOT_W = tl.constexpr(15)  # lanes of one slot: the strip plus its halo of window centres
+COL_HALO = tl.constexpr(16)  # halo columns left of the strip (backward with several strips: r)
+COL_SLOTS = tl.constexpr(17)  # slots per program
+COL_PAIRS = tl.constexpr(18)  # (plane, strip) pairs of the level
+COL_PROGRAM_BEGIN = tl.constexpr(19)  # first program of the level
+COL_PAIR_BEGIN = tl.constexpr(20)  # first pair of the level in the partial sums
+COL_XA_OFF = tl.constexpr(21)  # x's (N, C, 2) affine: offset, strides (n, c, k)
+COL_XA_N = tl.constexpr(22)
+COL_XA_C = tl.constexpr(23)
+COL_XA_K = tl.constexpr(24)
+COL_YA_OFF = tl.constexpr(25)  # y's affine
+COL_YA_N = tl.constexpr(26)
+COL_YA_C = tl.constexpr(27)
+COL_YA_K = tl.constexpr(28)
+COL_MAP_OFF = tl.constexpr(29)  # the SSIM map (forward), the map's gradient (backward): contiguous
+COL_GX_OFF = tl.constexpr(30)  # dL/dx: offset, strides
+COL_GXS_N = tl.constexpr(31)
+COL_GXS_C = tl.constexpr(32)
+COL_GXS_H = tl.constexpr(33)
+COL_GXS_W = tl.constexpr(34)
+COL_GY_OFF = tl.constexpr(35)  # dL/dy
+COL_GYS_N = tl.constexpr(36)
+COL_GYS_C = tl.constexpr(37)
+COL_GYS_H = tl.constexpr(38)
+COL_GYS_W = tl.constexpr(39)
+COL_GATHER_WEIGHTS = tl.constexpr(40)  # offsets in the weights buffer: the blur along a row (W + 2r, 2r+1),
+COL_COL_WEIGHTS = tl.constexpr(41)  # its true transpose along a row (W + 2r, 2r+1),
+COL_ROW_WEIGHTS = tl.constexpr(42)  # and along a column (H + 2r, 2r+1)
+NUM_COLUMNS = tl.constexpr(43)
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
+
+
+class Lanes(NamedTuple):
+    """What one program owns, per lane: a column of one (plane, strip) pair of one level."""
+
+    level: tl.tensor
+    row: tl.tensor  # pointer to the level's table row
+    group: tl.tensor  # the program's index among the level's programs
+    H: tl.tensor
+    W: tl.tensor
+    slots: tl.tensor  # slots of this program
+    pairs: tl.tensor  # pairs of the level
+    slot_w: tl.tensor  # lanes per slot
+    slot: tl.tensor  # per lane: its slot
+    k: tl.tensor  # per lane: its place in the slot
+    start: tl.tensor  # per lane: the first column its strip owns
+    col: tl.tensor  # per lane: its column, possibly outside the plane (halo, idle lanes)
+    active: tl.tensor  # per lane: a column of a real pair
+    owned: tl.tensor  # per lane: active and one of the strip's own columns (not halo)
+    load_col: tl.tensor  # per lane: col clamped into the plane, safe to load (idle lanes included)
+    plane: tl.tensor  # per lane: n * C + c of its pair (clamped to the level's last pair)
+    n: tl.tensor
+    c: tl.tensor
+
+
+class Affine(NamedTuple):
+    """x-hat = scale * (x - offset) of one plane, per lane."""
+
+    scale: tl.tensor
+    offset: tl.tensor
 
 
 @triton.jit
@@ -70,102 +193,100 @@ def _fold_reflect(i, n):
 
 @triton.jit
 def _source_index(i, n, PADDING: tl.constexpr):
-    """Plane index read at position i, or -1 where the padded value is 0."""
-    if PADDING == 0:
+    """Plane index read at padded position i: reflect folds, zero gives -1 (reads 0) outside the
+    plane, valid clamps (only positions whose result is discarded fall outside)."""
+    if PADDING == REFLECT:
         return _fold_reflect(i, n)
-    else:
+    elif PADDING == ZERO:
         return tl.where((i >= 0) & (i < n), i, -1)
-
-
-@triton.jit
-def _is_output(p, n, R: tl.constexpr, PADDING: tl.constexpr):
-    """Whether window centre p produces an output."""
-    if PADDING == 2:
-        return (p >= R) & (p < n - R)
     else:
-        return (p >= 0) & (p < n)
+        return tl.minimum(tl.maximum(i, 0), n - 1)
 
 
 @triton.jit
-def _find_level(table_ptr, tile, num_levels, COLUMN: tl.constexpr, FIELDS: tl.constexpr):
-    """The level whose range of tiles (or planes: COLUMN) holds `tile`; levels are few, so scan."""
+def _find_level(table_ptr, program, num_levels):
+    """The level whose programs hold `program` (a launch holds at most MAX_LEVELS levels)."""
     level = 0
-    for l in range(1, num_levels):
-        level += (tile >= tl.load(table_ptr + l * FIELDS + COLUMN)).to(tl.int32)
+    for l in tl.static_range(1, MAX_LEVELS):
+        begin = tl.load(table_ptr + l * NUM_COLUMNS + COL_PROGRAM_BEGIN, mask=l < num_levels, other=0)
+        level += ((l < num_levels) & (program >= begin)).to(tl.int32)
     return level
 
 
 @triton.jit
-def _plane_affine(aff_ptr, off, s_n, s_c, s_k, n, c, HAS_AFFINE: tl.constexpr):
-    """(scale, offset) of plane (n, c) of a level's (N, C, 2) affine, x-hat = scale * (x - offset);
-    identity without one."""
-    if HAS_AFFINE:
-        base = aff_ptr + off + n * s_n + c * s_c
-        return tl.load(base), tl.load(base + s_k)
+def _lanes(table_ptr, num_levels, LANES: tl.constexpr) -> Lanes:
+    """Which level, pairs and columns this program's lanes hold (the host's plan, _level_plan)."""
+    program = tl.program_id(0)
+    level = _find_level(table_ptr, program, num_levels)
+    row = table_ptr + level * NUM_COLUMNS
+    H = tl.load(row + COL_H).to(tl.int32)
+    W = tl.load(row + COL_W).to(tl.int32)
+    C = tl.load(row + COL_C).to(tl.int32)
+    strips = tl.load(row + COL_STRIPS).to(tl.int32)
+    strip_w = tl.load(row + COL_STRIP_W).to(tl.int32)
+    slot_w = tl.load(row + COL_SLOT_W).to(tl.int32)
+    halo = tl.load(row + COL_HALO).to(tl.int32)
+    slots = tl.load(row + COL_SLOTS).to(tl.int32)
+    pairs = tl.load(row + COL_PAIRS).to(tl.int32)
+    group = program - tl.load(row + COL_PROGRAM_BEGIN).to(tl.int32)
+
+    lane = tl.arange(0, LANES)
+    slot = lane // slot_w
+    k = lane - slot * slot_w
+    pair = group * slots + slot
+    real = (slot < slots) & (pair < pairs)
+    pair = tl.minimum(pair, pairs - 1)
+    plane = pair // strips
+    strip = pair - plane * strips
+    start = strip * strip_w
+    col = start - halo + k
+    active = real & (col >= 0) & (col < W)
+    owned = active & (col >= start) & (col < start + strip_w)
+    n = plane // C
+    return Lanes(level, row, group, H, W, slots, pairs, slot_w, slot, k, start, col, active, owned,
+                 tl.minimum(tl.maximum(col, 0), W - 1), plane, n, plane - n * C)
+
+
+@triton.jit
+def _plane_pointer(base_ptr, row, lanes: Lanes, OFF: tl.constexpr, S_N: tl.constexpr, S_C: tl.constexpr):
+    """Per lane: the start of its plane in a tensor whose offset and strides are table columns OFF, S_N,
+    S_C (int64, so tensors past 2^31 elements work)."""
+    return (base_ptr + tl.load(row + OFF) + lanes.n.to(tl.int64) * tl.load(row + S_N)
+            + lanes.c.to(tl.int64) * tl.load(row + S_C))
+
+
+@triton.jit
+def _row_stride(row, COLUMN: tl.constexpr, WIDE: tl.constexpr):
+    """A row stride from the table: int32 (cheaper offsets) unless some offset may pass 2^31 (WIDE)."""
+    if WIDE:
+        return tl.load(row + COLUMN)
     else:
-        return 1.0, 0.0
+        return tl.load(row + COLUMN).to(tl.int32)
 
 
 @triton.jit
-def _load_region(ptr, rows, cols, H, W, s_h, s_w, scale, offset, PADDING: tl.constexpr, BLOCK: tl.constexpr):
-    """The normalised region scale * (x - offset) at plane rows x cols, read through the padding's index
-    map (zero padding reads 0 in the normalised space), centred on its mean; returns (region, mean).
-    Any shift keeps the math exact; the region's mean is close to every window's, which keeps the
-    float32 variances from cancelling (csrc/ssim_math.h, moments_from_blurred)."""
-    r = _source_index(rows, H, PADDING)
-    c = _source_index(cols, W, PADDING)
-    inside = (r[:, None] >= 0) & (c[None, :] >= 0)
-    raw = tl.load(ptr + r[:, None] * s_h + c[None, :] * s_w, mask=inside, other=0.0).to(tl.float32)
-    region = tl.where(inside, scale * (raw - offset), 0.0)
-    mean = tl.sum(tl.sum(region, axis=1), axis=0) / (BLOCK * BLOCK)
-    return region - mean, mean
-
-
-@triton.jit
-def _band(taps_ptr, R: tl.constexpr, BLOCK: tl.constexpr):
-    """G[a, b] = g[a - b] for 0 <= a - b <= 2r: X @ G blurs the rows of X (output b reads a = b .. b + 2r)."""
-    d = tl.arange(0, BLOCK)[:, None] - tl.arange(0, BLOCK)[None, :]
-    return tl.load(taps_ptr + d, mask=(d >= 0) & (d <= 2 * R), other=0.0)
-
-
-@triton.jit
-def _transposed_band(p0, q0, n, taps_ptr, R: tl.constexpr, PADDING: tl.constexpr, BLOCK: tl.constexpr):
-    """M[a, b]: weight of window centre p0 + a in the blur read of input q0 + b, i.e. the true transpose
-    of the padded blur along one axis (SPEC section 2): sum of g[k] over taps k whose (folded) source
-    is q. Away from reflect borders this is the plain band g[q - p + r]."""
-    p = p0 + tl.arange(0, BLOCK)[:, None]
-    q = q0 + tl.arange(0, BLOCK)[None, :]
-    d = q - p
-    weights = tl.load(taps_ptr + d + R, mask=(d >= -R) & (d <= R), other=0.0)
-    if PADDING == 0:
-        if (p0 - R < 0) | (p0 + BLOCK - 1 + R >= n):  # some window of this tile crosses a border
-            weights = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-            for k in tl.static_range(2 * R + 1):
-                source = _fold_reflect(p + (k - R), n)
-                weights += tl.where(source == q, tl.load(taps_ptr + k), 0.0)
-    return weights
-
-
-@triton.jit
-def _blur(a, band, band_t, DOT_PRECISION: tl.constexpr):
-    """G^T @ (a @ G): the separable 2-D blur of a region, valid in its top-left BLOCK - 2r square."""
-    return tl.dot(band_t, tl.dot(a, band, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
+def _affine(aff_ptr, row, lanes: Lanes, OFF: tl.constexpr, S_N: tl.constexpr, S_C: tl.constexpr,
+            S_K: tl.constexpr, HAS_AFFINE: tl.constexpr) -> Affine:
+    """Per lane: the (scale, offset) of its plane's affine, or the identity."""
+    if HAS_AFFINE:
+        base = _plane_pointer(aff_ptr, row, lanes, OFF, S_N, S_C)
+        return Affine(tl.load(base), tl.load(base + tl.load(row + S_K)))
+    else:
+        return Affine(tl.full(lanes.col.shape, 1.0, tl.float32), tl.zeros(lanes.col.shape, tl.float32))
 
 
 @triton.jit
 def _power(v, e, KIND: tl.constexpr, ODD: tl.constexpr):
-    """(v^e, d v^e / dv) as std::pow in csrc/ssim_math.h; KIND (from the host, see _exponent_kind):
-    0 for e = 0 ("factor absent"), 1 for e = 1 (exact), 2 for an integer e >= 2 (ODD: e odd),
-    3 otherwise (NaN for v < 0)."""
-    if KIND == 0:
+    """(v^e, d v^e / dv) as std::pow in csrc/ssim_math.h; KIND from the host (_exponent_kind)."""
+    if KIND == EXPONENT_ABSENT:
         return tl.full(v.shape, 1.0, tl.float32), tl.zeros(v.shape, tl.float32)
-    elif KIND == 1:
+    elif KIND == EXPONENT_ONE:
         return v, tl.full(v.shape, 1.0, tl.float32)
     else:
         log_v = tl.log2(tl.abs(v))
         value = tl.exp2(e * log_v)
         derivative = e * tl.exp2((e - 1.0) * log_v)
-        if KIND == 2:
+        if KIND == EXPONENT_INTEGER:
             negative = v < 0.0
             if ODD:
                 value = tl.where(negative, -value, value)
@@ -229,61 +350,135 @@ def _ssim_and_partials(mu_x, mu_y, var_x, var_y, cov, c1, c2, alpha, beta, gamma
 
 
 @triton.jit
-def _pixel_loss(S, CLAMP: tl.constexpr):
-    """m = (1 - S) / 2, clamped to [0, 1] when asked; NaN stays NaN."""
-    m = (1.0 - S) * 0.5
-    if CLAMP:
-        m = tl.where(m < 0.0, 0.0, tl.where(m > 1.0, 1.0, m))
-    return m
+def _slot_sums(values, lanes: Lanes, MAX_SLOTS: tl.constexpr):
+    """Per slot of the program: the sum of `values` over the slot's lanes (0 past the last slot)."""
+    s = tl.arange(0, MAX_SLOTS)
+    return tl.sum(tl.where(lanes.slot[None, :] == s[:, None], values[None, :], 0.0), axis=1)
 
 
 @triton.jit
-def _tile_setup(table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE: tl.constexpr,
-                HAS_AFFINE: tl.constexpr, FIELDS: tl.constexpr):
-    """Where a tile lies and what its plane needs: level, n, c, tile origin, plane pointers, affines."""
-    level = _find_level(table_ptr, tile, num_levels, F_TILE_BEGIN, FIELDS)
-    row = table_ptr + level * FIELDS
-    C = tl.load(row + F_C)
-    tiles_w = tl.load(row + F_TILES_W)
-    per_plane = tl.load(row + F_TILES_H) * tiles_w
-    local = tile - tl.load(row + F_TILE_BEGIN)
-    plane = local // per_plane
-    t = local - plane * per_plane
-    n = plane // C
-    c = plane - n * C
-    h0 = (t // tiles_w) * TILE
-    w0 = (t - (t // tiles_w) * tiles_w) * TILE
-    x_plane = x_ptr + tl.load(row + F_X_OFF) + n * tl.load(row + F_XS_N) + c * tl.load(row + F_XS_C)
-    y_plane = y_ptr + tl.load(row + F_Y_OFF) + n * tl.load(row + F_YS_N) + c * tl.load(row + F_YS_C)
-    x_scale, x_offset = _plane_affine(xa_ptr, tl.load(row + F_XA_OFF), tl.load(row + F_XA_N), tl.load(row + F_XA_C),
-                                     tl.load(row + F_XA_K), n, c, HAS_AFFINE)
-    y_scale, y_offset = _plane_affine(ya_ptr, tl.load(row + F_YA_OFF), tl.load(row + F_YA_N), tl.load(row + F_YA_C),
-                                     tl.load(row + F_YA_K), n, c, HAS_AFFINE)
-    return level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset
+def _pair_index(lanes: Lanes, MAX_SLOTS: tl.constexpr):
+    """Index in the launch's partial sums of each slot's pair, and whether the slot holds one."""
+    s = tl.arange(0, MAX_SLOTS)
+    pair = lanes.group * lanes.slots + s
+    return tl.load(lanes.row + COL_PAIR_BEGIN) + pair, (s < lanes.slots) & (pair < lanes.pairs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The statistics of one output row (forward and backward)
+# ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _region_statistics(row, x_plane, y_plane, h0, w0, HALO, x_scale, x_offset, y_scale, y_offset, taps_ptr,
-                       R: tl.constexpr, PADDING: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Load the BLOCK x BLOCK region from (h0 - HALO, w0 - HALO), centre it, and blur: the centred
-    moments mu'_x, mu'_y, var_x, var_y, cov at window centres (h0 - HALO + r + i, w0 - HALO + r + j),
-    valid for i, j < BLOCK - 2r; plus the centring shifts cx, cy and the plane's H, W."""
-    H = tl.load(row + F_H)
-    W = tl.load(row + F_W)
-    rows = h0 - HALO + tl.arange(0, BLOCK)
-    cols = w0 - HALO + tl.arange(0, BLOCK)
-    xr, cx = _load_region(x_plane, rows, cols, H, W, tl.load(row + F_XS_H), tl.load(row + F_XS_W), x_scale, x_offset,
-                          PADDING, BLOCK)
-    yr, cy = _load_region(y_plane, rows, cols, H, W, tl.load(row + F_YS_H), tl.load(row + F_YS_W), y_scale, y_offset,
-                          PADDING, BLOCK)
-    band = _band(taps_ptr, R, BLOCK)
-    band_t = tl.trans(band)
-    mu_x = _blur(xr, band, band_t, DOT_PRECISION)
-    mu_y = _blur(yr, band, band_t, DOT_PRECISION)
-    var_x = _blur(xr * xr, band, band_t, DOT_PRECISION) - mu_x * mu_x
-    var_y = _blur(yr * yr, band, band_t, DOT_PRECISION) - mu_y * mu_y
-    cov = _blur(xr * yr, band, band_t, DOT_PRECISION) - mu_x * mu_y
-    return mu_x, mu_y, var_x, var_y, cov, cx, cy, H, W
+def _scratch_lanes(scratch_ptr, ROWS: tl.constexpr, ROW: tl.constexpr, R: tl.constexpr, LANES: tl.constexpr):
+    """Per lane: its place in this program's ROWS scratch rows of ROW = LANES + 2r floats (lane q at
+    q + r), the r-wide end margins zeroed: a lane near either end reads them with weight 0."""
+    lane = tl.arange(0, LANES)
+    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * (ROWS * ROW) + R + lane
+    for m in tl.static_range(ROWS):
+        tl.store(scratch + (m * ROW - R), tl.zeros((LANES,), tl.float32), mask=lane < R)
+        tl.store(scratch + (m * ROW + LANES), tl.zeros((LANES,), tl.float32), mask=lane < R)
+    return scratch
+
+
+@triton.jit
+def _gather_weights(weights_ptr, row, lanes: Lanes, R: tl.constexpr, KP: tl.constexpr):
+    """Per lane q: ([KP, LANES] A(q, q - r + j), the blur along the row as weights of the positions it
+    reads, 0 off the plane; the sum of the taps that fall off the plane, zero padding's share)."""
+    K: tl.constexpr = 2 * R + 1
+    k = tl.arange(0, KP)[:, None]
+    table = tl.load(weights_ptr + tl.load(row + COL_GATHER_WEIGHTS) + (lanes.load_col[None, :] + R) * (K + 1) + k,
+                    mask=k <= K, other=0.0)
+    return tl.where(k < K, table, 0.0), tl.sum(tl.where(k == K, table, 0.0), axis=0)
+
+
+@triton.jit
+def _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr,
+                    R: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr):
+    """The vertical pass for output row p at each lane's own column: sum over k of g_k z(p - r + k) for
+    z = x', y', x'^2, y'^2, x'y' (x' = x-hat - cx), g the taps (immediates). BORDER: some of the rows
+    are off the plane, read through the padding's index map; else they are p - r .. p + r. One 1-D
+    load per tap, not a [taps, lanes] block: triton 3.6 gives such blocks a layout that it converts
+    through shared memory every row, and spills."""
+    shift_x = x_aff.scale * x_aff.offset + cx
+    shift_y = y_aff.scale * y_aff.offset + cy
+    sx = tl.zeros_like(cx)
+    sy = tl.zeros_like(cx)
+    sxx = tl.zeros_like(cx)
+    syy = tl.zeros_like(cx)
+    sxy = tl.zeros_like(cx)
+    for k in tl.static_range(2 * R + 1):
+        if BORDER:
+            source = _source_index(p - R + k, H, PADDING)
+            inside = source >= 0
+            xr = tl.load(x_col + source * xs_h, mask=inside, other=0.0).to(tl.float32)
+            yr = tl.load(y_col + source * ys_h, mask=inside, other=0.0).to(tl.float32)
+            outside_x = -cx if PADDING == ZERO else 0.0
+            outside_y = -cy if PADDING == ZERO else 0.0
+            xv = tl.where(inside, xr * x_aff.scale - shift_x, outside_x)
+            yv = tl.where(inside, yr * y_aff.scale - shift_y, outside_y)
+        else:
+            xv = tl.load(x_col + (p - R + k) * xs_h).to(tl.float32) * x_aff.scale - shift_x
+            yv = tl.load(y_col + (p - R + k) * ys_h).to(tl.float32) * y_aff.scale - shift_y
+        gx = g[k] * xv
+        gy = g[k] * yv
+        sx += gx
+        sy += gy
+        sxx += gx * xv
+        syy += gy * yv
+        sxy += gx * yv
+    return sx, sy, sxx, syy, sxy
+
+
+@triton.jit
+def _shifted_sums(scratch, weights, MAPS: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, ROW: tl.constexpr):
+    """Per lane q and map m < MAPS: sum over j of weights[j, q] v_m(q - r + j), v_m being scratch row m
+    as the lanes wrote it before the last barrier."""
+    k = tl.arange(0, KP)[:, None]
+    shifted = scratch[None, :] + (k - R)
+    sums = ()
+    for m in tl.static_range(MAPS):
+        sums = sums + (tl.sum(weights * tl.load(shifted + m * ROW, mask=k < 2 * R + 1, other=0.0), axis=0),)
+    return sums
+
+
+@triton.jit
+def _row_moments(scratch, columns, weights, outside, cx, cy, R: tl.constexpr, KP: tl.constexpr, ROW: tl.constexpr,
+                 PADDING: tl.constexpr):
+    """The horizontal pass: each lane's five column sums go to the scratch rows, one barrier, then each
+    lane reads its neighbours' back: mu' = sum_j A(q, q - r + j) column(q - r + j), the weights A
+    holding the padding's folds (and 0 off the plane). Under zero padding the taps off the plane read
+    x-hat = 0, i.e. x' = -cx: their share `outside` (per lane, the sum of those taps) is added as such.
+    Returns the five moments mu'_x, mu'_y, E[x'^2], E[y'^2], E[x'y'] of the lanes' window centres."""
+    for m in tl.static_range(5):
+        tl.store(scratch + m * ROW, columns[m])
+    tl.debug_barrier()
+    mu_x, mu_y, e_xx, e_yy, e_xy = _shifted_sums(scratch, weights, 5, R, KP, ROW)
+    if PADDING == ZERO:
+        mu_x -= outside * cx
+        mu_y -= outside * cy
+        e_xx += outside * cx * cx
+        e_yy += outside * cy * cy
+        e_xy += outside * cx * cy
+    return mu_x, mu_y, e_xx, e_yy, e_xy
+
+
+@triton.jit
+def _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff: Affine, y_aff: Affine, g: tl.constexpr, lanes: Lanes,
+                  R: tl.constexpr, KP: tl.constexpr, PADDING: tl.constexpr, MAX_SLOTS: tl.constexpr):
+    """Per lane: the centres cx, cy of its slot, the mean of x-hat and y-hat over the first output row's
+    windows (the vertical pass of rows p0 - r .. p0 + r, averaged over the slot's columns). Any centre
+    is exact; one near the data keeps the float32 variances E[x'^2] - mu'^2 from cancelling."""
+    zero = tl.zeros((x_col.shape[0],), tl.float32)
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, zero, zero, g, R, PADDING,
+                              True)
+    s = tl.arange(0, MAX_SLOTS)[:, None]
+    member = (lanes.slot[None, :] == s) & lanes.active[None, :]
+    count = tl.maximum(tl.sum(member.to(tl.float32), axis=1), 1.0)[:, None]
+    mean_x = tl.sum(tl.where(member, columns[0][None, :], 0.0), axis=1)[:, None] / count
+    mean_y = tl.sum(tl.where(member, columns[1][None, :], 0.0), axis=1)[:, None] / count
+    mine = lanes.slot[None, :] == s
+    return tl.sum(tl.where(mine, mean_x, 0.0), axis=0), tl.sum(tl.where(mine, mean_y, 0.0), axis=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,38 +487,101 @@ def _region_statistics(row, x_plane, y_plane, h0, w0, HALO, x_scale, x_offset, y
 
 
 @triton.jit
-def _ssim_fwd_kernel(
-    x_ptr, y_ptr, xa_ptr, ya_ptr, map_ptr, taps_ptr, table_ptr, partials_ptr,
-    num_levels, c1, c2, alpha, beta, gamma,
-    R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr, WRITE_MAP: tl.constexpr,
-    DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr, BLOCK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FIELDS: tl.constexpr, KINDS: tl.constexpr, ODDS: tl.constexpr,
-):
-    # One program: one TILE x TILE tile of window centres of one plane of one level, TILE = BLOCK - 2r,
-    # read with an r halo. mu = W x', var = W(x'^2) - mu'^2, cov = W(x'y') - mu'_x mu'_y on the centred
-    # x' = x-hat - cx; S = A1 A2 / (B1 B2) (or l^a c^b s^g); writes the tile's sum of m (and the map).
-    TILE: tl.constexpr = BLOCK - 2 * R
-    tile = tl.program_id(0)
-    level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset = _tile_setup(
-        table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE, HAS_AFFINE, FIELDS)
-    # ---- load the tile plus an r halo, centre it, blur: horizontal then vertical banded products
-    mu_x, mu_y, var_x, var_y, cov, cx, cy, H, W = _region_statistics(
-        row, x_plane, y_plane, h0, w0, R, x_scale, x_offset, y_scale, y_offset, taps_ptr, R, PADDING, BLOCK,
-        DOT_PRECISION)
-
-    # ---- terms: SSIM per centre, m, the tile's sum
-    S, _, _, _, _, _ = _ssim_and_partials(mu_x + cx, mu_y + cy, var_x, var_y, cov, c1, c2, alpha, beta, gamma,
+def _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr,
+                 gather, outside, scratch, out_col, map_row, out_w, c1, c2, alpha, beta, gamma, R: tl.constexpr,
+                 KP: tl.constexpr, ROW: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr,
+                 WRITE_MAP: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr,
+                 EPS_SIGMA: tl.constexpr, KINDS: tl.constexpr, ODDS: tl.constexpr):
+    """Output row p: the vertical pass at the lanes' columns, the horizontal pass through `scratch` (the
+    buffer of this row's parity: slower warps may still read the other one), the SSIM terms; returns
+    total + m (on the output columns) and stores S to the map when asked."""
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING,
+                              BORDER)
+    mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
+    S, _, _, _, _, _ = _ssim_and_partials(mu_x + cx, mu_y + cy, e_xx - mu_x * mu_x, e_yy - mu_y * mu_y,
+                                          e_xy - mu_x * mu_y, c1, c2, alpha, beta, gamma,
                                           EPS_SIGMA, DEFAULT_EXPONENTS, False, KINDS, ODDS)
-    i = tl.arange(0, BLOCK)[:, None]
-    j = tl.arange(0, BLOCK)[None, :]
-    valid = (i < TILE) & (j < TILE) & _is_output(h0 + i, H, R, PADDING) & _is_output(w0 + j, W, R, PADDING)
-    tl.store(partials_ptr + tile, tl.sum(tl.sum(tl.where(valid, _pixel_loss(S, CLAMP), 0.0), axis=1), axis=0))
+    m = (1.0 - S) * 0.5
+    if CLAMP:
+        m = tl.where(m < 0.0, 0.0, tl.where(m > 1.0, 1.0, m))  # NaN stays NaN
     if WRITE_MAP:
-        offset = R if PADDING == 2 else 0
-        out_h = H - 2 * offset
-        out_w = W - 2 * offset
-        index = (plane * out_h + h0 + i - offset) * out_w + (w0 + j - offset)
-        tl.store(map_ptr + tl.load(row + F_MAP_OFF) + index, S, mask=valid)
+        tl.store(map_row + p * out_w, S, mask=out_col)
+    return total + tl.where(out_col, m, 0.0)
+
+
+@triton.jit
+def _ssim_fwd_kernel(
+    x_ptr, y_ptr, xa_ptr, ya_ptr, map_ptr, weights_ptr, table_ptr, partials_ptr, scratch_ptr,
+    num_levels, c1, c2, alpha, beta, gamma,
+    TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    WRITE_MAP: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr,
+    KINDS: tl.constexpr, ODDS: tl.constexpr, WIDE: tl.constexpr, LANES: tl.constexpr,
+    MAX_SLOTS: tl.constexpr,
+):
+    # One program: slots of output columns (plus an r halo when a plane has several strips) of one level,
+    # all rows. Per output row p: the vertical pass at each lane's column, the horizontal pass through a
+    # scratch row, then on x' = x-hat - (the slot's centre)
+    #   mu' = W x', var = W(x'^2) - mu'^2, cov = W(x'y') - mu'_x mu'_y,
+    #   S = A1 A2 / (B1 B2) (or l^a c^b s^g), m = (1 - S) / 2; writes each pair's sum of m (and the map).
+    K: tl.constexpr = 2 * R + 1
+    KP: tl.constexpr = triton.next_power_of_2(K)
+    ROW: tl.constexpr = LANES + 2 * R
+    lanes = _lanes(table_ptr, num_levels, LANES)
+    row = lanes.row
+    H = lanes.H
+    W = lanes.W
+    x_plane = _plane_pointer(x_ptr, row, lanes, COL_X_OFF, COL_XS_N, COL_XS_C)
+    y_plane = _plane_pointer(y_ptr, row, lanes, COL_Y_OFF, COL_YS_N, COL_YS_C)
+    xs_w = tl.load(row + COL_XS_W)
+    ys_w = tl.load(row + COL_YS_W)
+    xs_h = _row_stride(row, COL_XS_H, WIDE)
+    ys_h = _row_stride(row, COL_YS_H, WIDE)
+    x_col = x_plane + lanes.load_col.to(tl.int64) * xs_w
+    y_col = y_plane + lanes.load_col.to(tl.int64) * ys_w
+    x_aff = _affine(xa_ptr, row, lanes, COL_XA_OFF, COL_XA_N, COL_XA_C, COL_XA_K, HAS_AFFINE)
+    y_aff = _affine(ya_ptr, row, lanes, COL_YA_OFF, COL_YA_N, COL_YA_C, COL_YA_K, HAS_AFFINE)
+    g: tl.constexpr = TAPS
+    k = tl.arange(0, KP)[:, None]
+    gather, outside = _gather_weights(weights_ptr, row, lanes, R, KP)
+    # Output rows [p0, p_end) and columns: window centres whose window lies in the padded plane.
+    p0 = R if PADDING == VALID else 0
+    p_end = H - R if PADDING == VALID else H
+    out_col = lanes.owned
+    if PADDING == VALID:
+        out_col = out_col & (lanes.col >= R) & (lanes.col < W - R)
+
+    # ---- centring on a mean of each slot's first windows; scratch rows: 2 buffers x 5 maps
+    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING,
+                           MAX_SLOTS)
+    scratch = _scratch_lanes(scratch_ptr, 10, ROW, R, LANES)
+
+    offset = R if PADDING == VALID else 0
+    out_w = W - 2 * offset
+    map_row = (map_ptr + tl.load(row + COL_MAP_OFF) + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
+               + (lanes.load_col - offset) - offset * out_w)
+    # ---- rows: those whose window crosses the top or bottom edge read through the padding's index map
+    top = tl.minimum(R, p_end) if PADDING != VALID else p0
+    bottom = tl.maximum(top, H - R) if PADDING != VALID else p_end
+    total = tl.zeros((LANES,), tl.float32)
+    for p in range(p0, top):
+        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
+                             outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
+                             beta, gamma, R, KP, ROW, PADDING, True, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
+                             KINDS, ODDS)
+    for p in range(top, bottom):
+        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
+                             outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
+                             beta, gamma, R, KP, ROW, PADDING, False, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
+                             KINDS, ODDS)
+    for p in range(bottom, p_end):
+        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
+                             outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
+                             beta, gamma, R, KP, ROW, PADDING, True, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
+                             KINDS, ODDS)
+
+    # ---- reduce: each pair's sum of m
+    index, holds = _pair_index(lanes, MAX_SLOTS)
+    tl.store(partials_ptr + index, _slot_sums(total, lanes, MAX_SLOTS), mask=holds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,106 +590,235 @@ def _ssim_fwd_kernel(
 
 
 @triton.jit
-def _ssim_bwd_kernel(
-    x_ptr, y_ptr, xa_ptr, ya_ptr, gmap_ptr, gx_ptr, gy_ptr, taps_ptr, table_ptr, scales_ptr, grad_ptr,
-    partials_ptr, num_levels, c1, c2, alpha, beta, gamma,
-    R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_GRAD_MAP: tl.constexpr,
-    NEED_X: tl.constexpr, NEED_Y: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr,
-    EPS_SIGMA: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, FIELDS: tl.constexpr,
-    KINDS: tl.constexpr, ODDS: tl.constexpr,
-):
-    # One program: one TILE x TILE tile of dL/dx (and dL/dy), TILE = BLOCK - 4r, read with a 2r halo.
-    # Recompute the statistics on tile + r, form a, b, c there (SPEC section 2, centred):
-    #   a_x = d (dS/dmu_x - 2 mu'_x dS/dvar_x - mu'_y dS/dcov), b_x = d dS/dvar_x, c = d dS/dcov,
-    # blur them back with the true transpose W^T = A_h (.) M_w, and
-    #   dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c,  dL/dx = scale_x dL/dx-hat.
-    # Writes the tile's sums of (dL/dx-hat * (x - x_offset), dL/dx-hat, and the same for y) for the affine.
-    TILE: tl.constexpr = BLOCK - 4 * R
-    tile = tl.program_id(0)
-    level, row, plane, n, c, h0, w0, x_plane, y_plane, x_scale, x_offset, y_scale, y_offset = _tile_setup(
-        table_ptr, tile, num_levels, x_ptr, y_ptr, xa_ptr, ya_ptr, TILE, HAS_AFFINE, FIELDS)
-    # ---- load the tile plus a 2r halo, centre it; statistics on centres (h0 - r + i, w0 - r + j)
-    mu_x, mu_y, var_x, var_y, cov, cx, cy, H, W = _region_statistics(
-        row, x_plane, y_plane, h0, w0, 2 * R, x_scale, x_offset, y_scale, y_offset, taps_ptr, R, PADDING, BLOCK,
-        DOT_PRECISION)
-    S, dS_dmu_x, dS_dmu_y, dS_dvar_x, dS_dvar_y, dS_dcov = _ssim_and_partials(
-        mu_x + cx, mu_y + cy, var_x, var_y, cov, c1, c2, alpha, beta, gamma, EPS_SIGMA, DEFAULT_EXPONENTS, True,
-        KINDS, ODDS)
+def _slide_transposed(pendings, rows, row_table, u0, H, TAPS: tl.constexpr, R: tl.constexpr,
+                      PADDING: tl.constexpr):
+    """The transposed vertical pass as sliding sums, for a tuple of maps: pendings[m] holds the open sums
+    of gradient rows u0 .. u0 + 2r - 1 (oldest first) before the transposed row rows[m] of centre row
+    p = u0 + r arrives; row u takes it with weight M_h(u, p). That is the tap g[p - u + r] except near a
+    reflect border, where the weights come from the level's table (row_table[(u + r)(2r+2) + p - u + r],
+    padded by r zero rows). Returns (the completed rows u0, the new open sums); each open sum moves one
+    place as it is updated, so the slide costs FMAs, no register moves."""
+    K: tl.constexpr = 2 * R + 1
+    # weights[j]: of gradient row u0 + j
+    if PADDING == REFLECT and ((u0 <= R) | (u0 + 3 * R >= H - 1)):
+        weights = ()
+        for j in tl.static_range(K):
+            weights = weights + (tl.load(row_table + (u0 + R + j) * (K + 1) + 2 * R - j),)
+    else:
+        weights = ()
+        for j in tl.static_range(K):
+            weights = weights + (tl.full((), TAPS[2 * R - j], tl.float32),)
+    done = ()
+    moved = ()
+    for m in tl.static_range(len(rows)):
+        t = rows[m]
+        opened = pendings[m]
+        done = done + (opened[0] + weights[0] * t,)
+        next_sums = ()
+        for j in tl.static_range(2 * R - 1):
+            next_sums = next_sums + (opened[j + 1] + weights[j + 1] * t,)
+        moved = moved + (next_sums + (weights[2 * R] * t,),)
+    return done, moved
 
-    # ---- terms: d = dL/dS, and the coefficient maps (zero off the outputs)
-    i = tl.arange(0, BLOCK)[:, None]
-    j = tl.arange(0, BLOCK)[None, :]
-    ph = h0 - R + i
-    pw = w0 - R + j
-    outputs = (i < BLOCK - 2 * R) & (j < BLOCK - 2 * R) & _is_output(ph, H, R, PADDING) & _is_output(pw, W, R, PADDING)
-    grad_scale = tl.load(grad_ptr + level).to(tl.float32) * tl.load(scales_ptr + level)
-    m = (1.0 - S) * 0.5
+
+@triton.jit
+def _gradient_rows(u, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, lanes: Lanes, x_aff: Affine,
+                   y_aff: Affine, cx, cy, done, sums_x, sums_y, NEED_X: tl.constexpr, NEED_Y: tl.constexpr):
+    """Gradient row u (rows before 0 are skipped): dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c with
+    x' = x-hat - cx, stored as scale * dL/dx-hat, and the same for y; adds each input's
+    (sum dL/dx-hat (x - offset), sum dL/dx-hat) over the lanes the slot owns to its sums.
+    `done` holds W^T c, then W^T a_x, W^T b_x, then W^T a_y, W^T b_y (those asked for)."""
+    keep = lanes.owned & (u >= 0)
+    u64 = u.to(tl.int64)
+    raw_x = tl.load(x_col + u64 * xs_h, mask=keep, other=0.0).to(tl.float32)
+    raw_y = tl.load(y_col + u64 * ys_h, mask=keep, other=0.0).to(tl.float32)
+    x_rel = raw_x - x_aff.offset
+    y_rel = raw_y - y_aff.offset
+    # x' exactly as the statistics formed it (_column_moments): any other rounding of the same shift
+    # biases the gradient by 2 (x' error) W^T b, which the affine's sums then add up over the plane
+    x_c = raw_x * x_aff.scale - (x_aff.scale * x_aff.offset + cx)
+    y_c = raw_y * y_aff.scale - (y_aff.scale * y_aff.offset + cy)
+    if NEED_X:
+        g = tl.where(keep, done[1] + 2.0 * x_c * done[2] + y_c * done[0], 0.0)
+        tl.store(gx_col + u64 * gxs_h, (x_aff.scale * g).to(gx_col.dtype.element_ty), mask=keep)
+        sums_x = (sums_x[0] + g * x_rel, sums_x[1] + g)
+    if NEED_Y:
+        g = tl.where(keep, done[len(done) - 2] + 2.0 * y_c * done[len(done) - 1] + x_c * done[0], 0.0)
+        tl.store(gy_col + u64 * gys_h, (y_aff.scale * g).to(gy_col.dtype.element_ty), mask=keep)
+        sums_y = (sums_y[0] + g * y_rel, sums_y[1] + g)
+    return sums_x, sums_y
+
+
+@triton.jit
+def _backward_row(p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H,
+                  lanes: Lanes, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr, gather, outside, transpose,
+                  row_table, scratch, centre_col, grad_scale, gmap_row, out_w, c1, c2, alpha, beta, gamma,
+                  TAPS: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, ROW: tl.constexpr, NUM_MAPS: tl.constexpr,
+                  PADDING: tl.constexpr, BORDER: tl.constexpr, HAS_GRAD_MAP: tl.constexpr, NEED_X: tl.constexpr,
+                  NEED_Y: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr,
+                  KINDS: tl.constexpr, ODDS: tl.constexpr):
+    """Centre row p: its statistics, the coefficients a, b, c at its centres, their transposed horizontal
+    pass; slid into the open transposed sums, which completes gradient row p - r (stored, and added to
+    the affine's sums). Returns (the open sums, sums_x, sums_y)."""
+    coefficients = scratch + 5 * ROW
+    # ---- statistics at centre row p
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING,
+                              BORDER)
+    mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
+    S, dS_dmu_x, dS_dmu_y, dS_dvar_x, dS_dvar_y, dS_dcov = _ssim_and_partials(
+        mu_x + cx, mu_y + cy, e_xx - mu_x * mu_x, e_yy - mu_y * mu_y, e_xy - mu_x * mu_y, c1, c2, alpha, beta,
+        gamma, EPS_SIGMA, DEFAULT_EXPONENTS, True, KINDS, ODDS)
+    # ---- coefficients a, b, c at the centres of row p (d = dL/dS), to the scratch
     dm_dS = -0.5
     if CLAMP:
+        m = (1.0 - S) * 0.5
         dm_dS = tl.where((m >= 0.0) & (m <= 1.0), -0.5, 0.0)
     d = grad_scale * dm_dS
     if HAS_GRAD_MAP:
-        offset = R if PADDING == 2 else 0
-        out_h = H - 2 * offset
-        out_w = W - 2 * offset
-        index = (plane * out_h + ph - offset) * out_w + (pw - offset)
-        d += tl.load(gmap_ptr + tl.load(row + F_GMAP_OFF) + index, mask=outputs, other=0.0)
-    coef_c = tl.where(outputs, d * dS_dcov, 0.0)
-    b_x = tl.where(outputs, d * dS_dvar_x, 0.0)
-    a_x = tl.where(outputs, d * dS_dmu_x, 0.0) - 2.0 * mu_x * b_x - mu_y * coef_c
-
-    # ---- blur back: W^T K = A_h @ K @ M_w, on input rows/cols (h0 + u, w0 + v)
-    m_w = _transposed_band(w0 - R, w0, W, taps_ptr, R, PADDING, BLOCK)
-    a_h = tl.trans(_transposed_band(h0 - R, h0, H, taps_ptr, R, PADDING, BLOCK))
-    g_c = tl.dot(a_h, tl.dot(coef_c, m_w, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-
-    # ---- per input pixel of the tile: x', y' and the gradients
-    u = h0 + tl.arange(0, BLOCK)
-    v = w0 + tl.arange(0, BLOCK)
-    inside = (tl.arange(0, BLOCK)[:, None] < TILE) & (tl.arange(0, BLOCK)[None, :] < TILE) & (u[:, None] < H) & (v[None, :] < W)
-    x_ptrs = x_plane + u[:, None] * tl.load(row + F_XS_H) + v[None, :] * tl.load(row + F_XS_W)
-    y_ptrs = y_plane + u[:, None] * tl.load(row + F_YS_H) + v[None, :] * tl.load(row + F_YS_W)
-    x_rel = tl.load(x_ptrs, mask=inside, other=0.0).to(tl.float32) - x_offset
-    y_rel = tl.load(y_ptrs, mask=inside, other=0.0).to(tl.float32) - y_offset
-    x_c = x_scale * x_rel - cx
-    y_c = y_scale * y_rel - cy
-    sums_ptr = partials_ptr + tile * 4
+        d += tl.load(gmap_row + p * out_w, mask=centre_col, other=0.0)
+    coef_c = tl.where(centre_col, d * dS_dcov, 0.0)
+    tl.store(coefficients, coef_c)
     if NEED_X:
-        g_a = tl.dot(a_h, tl.dot(a_x, m_w, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-        g_b = tl.dot(a_h, tl.dot(b_x, m_w, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-        gx_hat = tl.where(inside, g_a + 2.0 * x_c * g_b + y_c * g_c, 0.0)
-        gx_row = table_ptr + level * FIELDS
-        gx_plane = gx_ptr + tl.load(gx_row + F_GX_OFF) + n * tl.load(gx_row + F_GXS_N) + c * tl.load(gx_row + F_GXS_C)
-        gx_ptrs = gx_plane + u[:, None] * tl.load(gx_row + F_GXS_H) + v[None, :] * tl.load(gx_row + F_GXS_W)
-        tl.store(gx_ptrs, (x_scale * gx_hat).to(gx_ptr.dtype.element_ty), mask=inside)
-        tl.store(sums_ptr + 0, tl.sum(tl.sum(gx_hat * x_rel, axis=1), axis=0))
-        tl.store(sums_ptr + 1, tl.sum(tl.sum(gx_hat, axis=1), axis=0))
+        b_x = tl.where(centre_col, d * dS_dvar_x, 0.0)
+        tl.store(coefficients + ROW, tl.where(centre_col, d * dS_dmu_x, 0.0) - 2.0 * mu_x * b_x - mu_y * coef_c)
+        tl.store(coefficients + 2 * ROW, b_x)
     if NEED_Y:
-        b_y = tl.where(outputs, d * dS_dvar_y, 0.0)
-        a_y = tl.where(outputs, d * dS_dmu_y, 0.0) - 2.0 * mu_y * b_y - mu_x * coef_c
-        g_a = tl.dot(a_h, tl.dot(a_y, m_w, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-        g_b = tl.dot(a_h, tl.dot(b_y, m_w, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-        gy_hat = tl.where(inside, g_a + 2.0 * y_c * g_b + x_c * g_c, 0.0)
-        gy_row = table_ptr + level * FIELDS
-        gy_plane = gy_ptr + tl.load(gy_row + F_GY_OFF) + n * tl.load(gy_row + F_GYS_N) + c * tl.load(gy_row + F_GYS_C)
-        gy_ptrs = gy_plane + u[:, None] * tl.load(gy_row + F_GYS_H) + v[None, :] * tl.load(gy_row + F_GYS_W)
-        tl.store(gy_ptrs, (y_scale * gy_hat).to(gy_ptr.dtype.element_ty), mask=inside)
-        tl.store(sums_ptr + 2, tl.sum(tl.sum(gy_hat * y_rel, axis=1), axis=0))
-        tl.store(sums_ptr + 3, tl.sum(tl.sum(gy_hat, axis=1), axis=0))
+        b_y = tl.where(centre_col, d * dS_dvar_y, 0.0)
+        tl.store(coefficients + (NUM_MAPS - 2) * ROW,
+                 tl.where(centre_col, d * dS_dmu_y, 0.0) - 2.0 * mu_y * b_y - mu_x * coef_c)
+        tl.store(coefficients + (NUM_MAPS - 1) * ROW, b_y)
+    tl.debug_barrier()
+    # ---- transposed horizontal pass (per lane q: sum over j of M_w(q, q - r + j) coefficient(q - r + j)),
+    # then the transposed vertical pass completes gradient row u0 = p - r
+    rows = _shifted_sums(coefficients, transpose, NUM_MAPS, R, KP, ROW)
+    u0 = p - R
+    done, transposed = _slide_transposed(transposed, rows, row_table, u0, H, TAPS, R, PADDING)
+    sums_x, sums_y = _gradient_rows(u0, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, lanes, x_aff, y_aff,
+                                    cx, cy, done, sums_x, sums_y, NEED_X, NEED_Y)
+    return transposed, sums_x, sums_y
+
+
+@triton.jit
+def _ssim_bwd_kernel(
+    x_ptr, y_ptr, xa_ptr, ya_ptr, gmap_ptr, gx_ptr, gy_ptr, weights_ptr, table_ptr, scales_ptr, grad_ptr,
+    partials_ptr, scratch_ptr, num_levels, c1, c2, alpha, beta, gamma,
+    TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    HAS_GRAD_MAP: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr,
+    CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr, KINDS: tl.constexpr, ODDS: tl.constexpr, WIDE: tl.constexpr,
+    LANES: tl.constexpr, MAX_SLOTS: tl.constexpr,
+):
+    # One program: slots of gradient columns of one level (plus a 2r halo of window centres and their
+    # columns when a plane has several strips), all rows. Per centre row p, the statistics as in the
+    # forward, then (SPEC section 2, on x' = x-hat - the slot's centre):
+    #   a_x = d (dS/dmu_x - 2 mu'_x dS/dvar_x - mu'_y dS/dcov), b_x = d dS/dvar_x, c = d dS/dcov;
+    # their transposed horizontal pass (scratch rows, weights M_w), then the transposed vertical pass
+    # (sliding sums, weights M_h) completes gradient row u = p - r:
+    #   dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c,  dL/dx = scale_x dL/dx-hat.
+    # Writes each pair's sums (dL/dx-hat (x - x_offset), dL/dx-hat, the same for y) for the affine.
+    K: tl.constexpr = 2 * R + 1
+    KP: tl.constexpr = triton.next_power_of_2(K)
+    NUM_MAPS: tl.constexpr = 1 + 2 * NEED_X + 2 * NEED_Y  # c, then a_x, b_x, then a_y, b_y
+    ROW: tl.constexpr = LANES + 2 * R
+    lanes = _lanes(table_ptr, num_levels, LANES)
+    row = lanes.row
+    H = lanes.H
+    W = lanes.W
+    x_plane = _plane_pointer(x_ptr, row, lanes, COL_X_OFF, COL_XS_N, COL_XS_C)
+    y_plane = _plane_pointer(y_ptr, row, lanes, COL_Y_OFF, COL_YS_N, COL_YS_C)
+    xs_w = tl.load(row + COL_XS_W)
+    ys_w = tl.load(row + COL_YS_W)
+    xs_h = _row_stride(row, COL_XS_H, WIDE)
+    ys_h = _row_stride(row, COL_YS_H, WIDE)
+    x_col = x_plane + lanes.load_col.to(tl.int64) * xs_w
+    y_col = y_plane + lanes.load_col.to(tl.int64) * ys_w
+    gx_col = (_plane_pointer(gx_ptr, row, lanes, COL_GX_OFF, COL_GXS_N, COL_GXS_C)
+              + lanes.load_col.to(tl.int64) * tl.load(row + COL_GXS_W))
+    gy_col = (_plane_pointer(gy_ptr, row, lanes, COL_GY_OFF, COL_GYS_N, COL_GYS_C)
+              + lanes.load_col.to(tl.int64) * tl.load(row + COL_GYS_W))
+    gxs_h = tl.load(row + COL_GXS_H)
+    gys_h = tl.load(row + COL_GYS_H)
+    x_aff = _affine(xa_ptr, row, lanes, COL_XA_OFF, COL_XA_N, COL_XA_C, COL_XA_K, HAS_AFFINE)
+    y_aff = _affine(ya_ptr, row, lanes, COL_YA_OFF, COL_YA_N, COL_YA_C, COL_YA_K, HAS_AFFINE)
+    g: tl.constexpr = TAPS
+    k = tl.arange(0, KP)[:, None]
+    gather, outside = _gather_weights(weights_ptr, row, lanes, R, KP)
+    # M_w(q, q - r + j) for each lane's column q (zero where q - r + j is no window centre)
+    transpose = tl.load(weights_ptr + tl.load(row + COL_COL_WEIGHTS) + (lanes.load_col[None, :] + R) * (K + 1) + k,
+                        mask=k < K, other=0.0)
+    row_table = weights_ptr + tl.load(row + COL_ROW_WEIGHTS)
+    grad_scale = tl.load(grad_ptr + lanes.level).to(tl.float32) * tl.load(scales_ptr + lanes.level)
+    p0 = R if PADDING == VALID else 0
+    p_end = H - R if PADDING == VALID else H
+    centre_col = lanes.active
+    if PADDING == VALID:
+        centre_col = centre_col & (lanes.col >= R) & (lanes.col < W - R)
+
+    # ---- centring on a mean of each slot's first windows; scratch rows (5 moments, then NUM_MAPS
+    # coefficients: one buffer is enough, as each row passes two barriers)
+    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING,
+                           MAX_SLOTS)
+    scratch = _scratch_lanes(scratch_ptr, 5 + NUM_MAPS, ROW, R, LANES)
+
+    offset = R if PADDING == VALID else 0
+    out_w = W - 2 * offset
+    gmap_row = (gmap_ptr + tl.load(row + COL_MAP_OFF) + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
+                + (lanes.load_col - offset) - offset * out_w)
+    zero = tl.zeros((LANES,), tl.float32)
+    transposed = ((zero,) * (2 * R),) * NUM_MAPS  # open sums of gradient rows, per map
+    sums_x = (zero, zero)
+    sums_y = (zero, zero)
+    # ---- centre rows (those whose window crosses the top or bottom edge read through the padding's
+    # index map), each completing gradient row p - r
+    top = tl.minimum(R, p_end) if PADDING != VALID else p0
+    bottom = tl.maximum(top, H - R) if PADDING != VALID else p_end
+    for p in range(p0, top):
+        transposed, sums_x, sums_y = _backward_row(
+            p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
+            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
+            gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, True, HAS_GRAD_MAP,
+            NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
+    for p in range(top, bottom):
+        transposed, sums_x, sums_y = _backward_row(
+            p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
+            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
+            gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, False, HAS_GRAD_MAP,
+            NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
+    for p in range(bottom, p_end):
+        transposed, sums_x, sums_y = _backward_row(
+            p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
+            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
+            gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, True, HAS_GRAD_MAP,
+            NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
+    # ---- past the last centre row: the open sums complete without new terms
+    for p in range(p_end, H + R):
+        u0 = p - R
+        done, transposed = _slide_transposed(transposed, (zero,) * NUM_MAPS, row_table, u0, H, TAPS, R, PADDING)
+        sums_x, sums_y = _gradient_rows(u0, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, lanes, x_aff, y_aff,
+                                        cx, cy, done, sums_x, sums_y, NEED_X, NEED_Y)
+
+    # ---- reduce: each pair's four sums
+    index, holds = _pair_index(lanes, MAX_SLOTS)
+    out = partials_ptr + index * 4
+    if NEED_X:
+        tl.store(out + 0, _slot_sums(sums_x[0], lanes, MAX_SLOTS), mask=holds)
+        tl.store(out + 1, _slot_sums(sums_x[1], lanes, MAX_SLOTS), mask=holds)
+    if NEED_Y:
+        tl.store(out + 2, _slot_sums(sums_y[0], lanes, MAX_SLOTS), mask=holds)
+        tl.store(out + 3, _slot_sums(sums_y[1], lanes, MAX_SLOTS), mask=holds)
 
 
 # ------------------------------------------------------------------------------------------------
-# Second stage: fixed-order sums of the tile partials
+# Second stage: fixed-order sums of the pairs' partial sums
 # ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.constexpr, FIELDS: tl.constexpr):
-    # One program per level: level_scale * (sum of its tiles' partials), in tile order.
+def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.constexpr):
+    # One program per level: level_scale * (sum of its pairs' sums of m), in pair order.
     level = tl.program_id(0)
-    row = table_ptr + level * FIELDS
-    begin = tl.load(row + F_TILE_BEGIN)
-    count = tl.load(row + F_N) * tl.load(row + F_C) * tl.load(row + F_TILES_H) * tl.load(row + F_TILES_W)
+    row = table_ptr + level * NUM_COLUMNS
+    begin = tl.load(row + COL_PAIR_BEGIN)
+    count = tl.load(row + COL_PAIRS)
     total = 0.0
     for start in range(0, count, CHUNK):
         k = start + tl.arange(0, CHUNK)
@@ -439,33 +826,90 @@ def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.co
     tl.store(out_ptr + level, total * tl.load(scales_ptr + level))
 
 
-@triton.jit
-def _plane_sum_kernel(partials_ptr, table_ptr, out_ptr, num_levels, CHUNK: tl.constexpr, FIELDS: tl.constexpr):
-    # One program per plane (all levels): the 4 affine-gradient sums over the plane's tiles, in order.
-    plane = tl.program_id(0)
-    level = _find_level(table_ptr, plane, num_levels, F_PLANE_BEGIN, FIELDS)
-    row = table_ptr + level * FIELDS
-    per_plane = tl.load(row + F_TILES_H) * tl.load(row + F_TILES_W)
-    begin = tl.load(row + F_TILE_BEGIN) + (plane - tl.load(row + F_PLANE_BEGIN)) * per_plane
-    k4 = tl.arange(0, 4)
-    total = tl.zeros((4,), dtype=tl.float32)
-    for start in range(0, per_plane, CHUNK):
-        t = start + tl.arange(0, CHUNK)
-        block = tl.load(partials_ptr + (begin + t[:, None]) * 4 + k4[None, :], mask=t[:, None] < per_plane, other=0.0)
-        total += tl.sum(block, axis=0)
-    tl.store(out_ptr + plane * 4 + k4, total)
-
-
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_TABLE_CACHE: dict = {}
-_TABLE_CACHE_SIZE = 64
+_CACHE: dict = {}
+_CACHE_SIZE = 64
 
 
-def _offset(t: torch.Tensor | None, base: torch.Tensor) -> int:
+class LevelPlan(NamedTuple):
+    """How a level's planes are cut into strips and packed into programs (table columns of the same
+    names)."""
+
+    strips: int
+    strip_w: int
+    slot_w: int
+    halo: int
+    slots: int
+    programs: int
+
+
+@functools.lru_cache(maxsize=256)
+def level_plan(planes: int, width: int, halo: int, lanes: int = LANES, max_slots: int = MAX_SLOTS) -> LevelPlan:
+    """The fewest programs that cover `planes` planes of `width` columns: each plane cut into strips
+    of strip_w columns, a slot being a strip plus `halo` columns of window centres on each side (none
+    when one strip spans the plane), slots packed up to `lanes` lanes and `max_slots` per program."""
+    best = None
+    strips = 1
+    while True:
+        strip_w = -(-width // strips)
+        slot_w = width if strips == 1 else strip_w + 2 * halo
+        if slot_w <= lanes:
+            slots = min(lanes // slot_w, max_slots)
+            plan = LevelPlan(strips, strip_w, slot_w, 0 if strips == 1 else halo, slots,
+                             -(-planes * strips // slots))
+            if best is None or plan.programs < best.programs:
+                best = plan
+            if best is not None and strips >= 4 * best.strips + 8:
+                break
+        if strip_w == 1:
+            break
+        strips += 1
+    if best is None:
+        raise ValueError(f"ssimkd: a window halo of {halo} columns does not fit {lanes} lanes")
+    return best
+
+
+@functools.lru_cache(maxsize=256)
+def blur_weights(n: int, taps: tuple[float, ...], padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded blur along one axis of n positions as per-position weights of the 2r+1 nearest, rows
+    for positions -r .. n + r - 1 (zero outside the plane), 2r+2 columns, float32 from float64 sums:
+
+    - gather[q + r, j]: the weight of position q - r + j in the blur at q (reflect folds add into the
+      position they land on; 0 off the plane) and, in column 2r+1, the sum of the taps that fall off the
+      plane under zero padding (they read the padding's 0);
+    - transpose[u + r, j]: the weight of window centre p = u - r + j in the gradient of input u, the
+      true transpose of the padded blur (SPEC section 2; zero where p is no window centre).
+
+    Reflect folds always land within r of the centre, so 2r + 1 weights per position hold every term."""
+    radius = len(taps) // 2
+    size = 2 * radius + 1
+    gather = torch.zeros(n + 2 * radius, size + 1, dtype=torch.float64)
+    transpose = torch.zeros(n + 2 * radius, size + 1, dtype=torch.float64)
+    fold = reflect_index(n, radius).tolist()  # source of padded position i at fold[i + r]
+    valid = padding == PADDING_CODES["valid"]
+    for p in range(n):
+        centre = not valid or radius <= p < n - radius
+        for k, g in enumerate(taps):
+            position = p + k - radius
+            if padding == PADDING_CODES["reflect"]:
+                source = fold[position + radius]
+            elif 0 <= position < n:
+                source = position
+            else:  # zero padding reads 0 there; valid padding has no window centre here
+                gather[p + radius, size] += g
+                continue
+            assert abs(source - p) <= radius
+            gather[p + radius, source - p + radius] += g
+            if centre:
+                transpose[source + radius, p - source + radius] += g
+    return gather.to(torch.float32), transpose.to(torch.float32)
+
+
+def _offset(t: torch.Tensor | None, base: torch.Tensor | None) -> int:
     """Element offset of t's data from base's (both of one dtype); 0 when t is None."""
     if t is None:
         return 0
@@ -478,55 +922,93 @@ def _strides(t: torch.Tensor | None, count: int) -> list[int]:
     return list(t.stride()) if t is not None else [0] * count
 
 
-def _level_table(xs, ys, x_affines, y_affines, maps, grad_maps, gxs, gys, tile: int, level_scales, device):
-    """The int64 level table and the float32 level scales on `device`, the tile and plane counts.
-
-    Rows hold element offsets from level 0's tensors, so the same layouts in a training loop hit a
-    small cache and skip the host-to-device copy; a miss copies from pinned memory, asynchronously.
-    """
-    rows, tiles, planes = [], 0, 0
-    for l, (x, y) in enumerate(zip(xs, ys)):
-        n, c, h, w = x.shape
-        tiles_h, tiles_w = -(-h // tile), -(-w // tile)
-        xa = x_affines[l] if x_affines else None
-        ya = y_affines[l] if y_affines else None
-        gx = gxs[l] if gxs else None
-        gy = gys[l] if gys else None
-        row = [_offset(x, xs[0]), _offset(y, ys[0]), *x.stride(), *y.stride(), n, c, h, w, tiles_h, tiles_w,
-               tiles, planes,
-               _offset(xa, x_affines[0]) if xa is not None else 0, *_strides(xa, 3),
-               _offset(ya, y_affines[0]) if ya is not None else 0, *_strides(ya, 3),
-               _offset(maps[l], maps[0]) if maps else 0,
-               _offset(grad_maps[l], grad_maps[0]) if grad_maps else 0,
-               _offset(gx, gxs[0]) if gx is not None else 0, *_strides(gx, 4),
-               _offset(gy, gys[0]) if gy is not None else 0, *_strides(gy, 4)]
-        assert len(row) == NUM_FIELDS
-        rows.append(row)
-        tiles += n * c * tiles_h * tiles_w
-        planes += n * c
-    key = (str(device), tuple(map(tuple, rows)), tuple(level_scales))
-    cached = _TABLE_CACHE.get(key)
-    if cached is None:
-        cached = (_to_device(torch.tensor(rows, dtype=torch.int64), device),
-                  _to_device(torch.tensor(level_scales, dtype=torch.float32), device))
-        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-        _TABLE_CACHE[key] = cached
-    return cached[0], cached[1], tiles, planes
-
-
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
 
 
-def _taps(options, device) -> torch.Tensor:
-    key = ("taps", options.window_size, options.sigma, str(device))
-    if key not in _TABLE_CACHE:
-        _TABLE_CACHE[key] = _to_device(gaussian_window_1d(options.window_size, options.sigma, dtype=torch.float32),
-                                       device)
-    return _TABLE_CACHE[key]
+def _cached(key, make):
+    value = _CACHE.get(key)
+    if value is None:
+        value = make()
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = value
+    return value
+
+
+class Launch(NamedTuple):
+    """One launch's level table and what the launchers need besides it."""
+
+    table: torch.Tensor  # int64 [levels, NUM_COLUMNS]
+    scales: torch.Tensor  # float32 [levels]
+    weights: torch.Tensor  # float32: every level's blur_weights (table columns *_WEIGHTS)
+    plans: list  # LevelPlan per level
+    programs: int
+    pairs: int
+
+
+def _launch_table(xs, ys, x_affines, y_affines, maps, gxs, gys, level_scales, taps, padding, backward: bool,
+                  device) -> Launch:
+    """The level table of one launch (at most MAX_LEVELS levels), cached by layout: the same layouts in
+    a training loop skip the host-to-device copies; a miss copies from pinned memory, asynchronously."""
+    radius = len(taps) // 2
+    rows, plans, weight_parts = [], [], []
+    programs = pairs = weight_size = 0
+    for l, (x, y) in enumerate(zip(xs, ys)):
+        n, c, h, w = x.shape
+        # a strip's halo: its outputs' window centres need r more columns each side; the backward's
+        # centres reach r past the gradient columns, so 2r
+        plan = level_plan(n * c, w, 2 * radius if backward else radius)
+        row = [0] * NUM_COLUMNS.value
+        row[COL_X_OFF], row[COL_Y_OFF] = _offset(x, xs[0]), _offset(y, ys[0])
+        row[COL_XS_N], row[COL_XS_C], row[COL_XS_H], row[COL_XS_W] = x.stride()
+        row[COL_YS_N], row[COL_YS_C], row[COL_YS_H], row[COL_YS_W] = y.stride()
+        row[COL_C], row[COL_H], row[COL_W] = c, h, w
+        row[COL_STRIPS], row[COL_STRIP_W], row[COL_SLOT_W] = plan.strips, plan.strip_w, plan.slot_w
+        row[COL_HALO], row[COL_SLOTS], row[COL_PAIRS] = plan.halo, plan.slots, n * c * plan.strips
+        row[COL_PROGRAM_BEGIN], row[COL_PAIR_BEGIN] = programs, pairs
+        if x_affines:
+            row[COL_XA_OFF] = _offset(x_affines[l], x_affines[0])
+            row[COL_XA_N], row[COL_XA_C], row[COL_XA_K] = x_affines[l].stride()
+            row[COL_YA_OFF] = _offset(y_affines[l], y_affines[0])
+            row[COL_YA_N], row[COL_YA_C], row[COL_YA_K] = y_affines[l].stride()
+        if maps:
+            row[COL_MAP_OFF] = _offset(maps[l], maps[0])
+        if gxs:
+            row[COL_GX_OFF] = _offset(gxs[l], gxs[0])
+            row[COL_GXS_N], row[COL_GXS_C], row[COL_GXS_H], row[COL_GXS_W] = gxs[l].stride()
+        if gys:
+            row[COL_GY_OFF] = _offset(gys[l], gys[0])
+            row[COL_GYS_N], row[COL_GYS_C], row[COL_GYS_H], row[COL_GYS_W] = gys[l].stride()
+        # weights: blur and transpose along the row (W + 2r rows each), transpose along the column (H + 2r)
+        row[COL_GATHER_WEIGHTS] = weight_size
+        row[COL_COL_WEIGHTS] = weight_size + (w + 2 * radius) * (len(taps) + 1)
+        row[COL_ROW_WEIGHTS] = weight_size + 2 * (w + 2 * radius) * (len(taps) + 1)
+        weight_parts.append((h, w))
+        weight_size += (2 * w + h + 6 * radius) * (len(taps) + 1)
+        rows.append(row)
+        plans.append(plan)
+        programs += plan.programs
+        pairs += n * c * plan.strips
+    key = ("table", str(device), tuple(map(tuple, rows)), tuple(level_scales))
+    table, scales = _cached(key, lambda: (_to_device(torch.tensor(rows, dtype=torch.int64), device),
+                                          _to_device(torch.tensor(level_scales, dtype=torch.float32), device)))
+    def make_weights():
+        parts = []
+        for h, w in weight_parts:
+            along_row, transposed_row = blur_weights(w, taps, padding)
+            parts += [along_row, transposed_row, blur_weights(h, taps, padding)[1]]
+        return _to_device(torch.cat([part.reshape(-1) for part in parts]), device)
+
+    weights = _cached(("weights", str(device), tuple(weight_parts), taps, padding), make_weights)
+    return Launch(table, scales, weights, plans, programs, pairs)
+
+
+def _taps(options) -> tuple[float, ...]:
+    """The window's taps, rounded to float32 (the kernels' constexpr TAPS)."""
+    return tuple(float(v) for v in gaussian_window_1d(options.window_size, options.sigma, dtype=torch.float32))
 
 
 def _check(xs, ys):
@@ -540,22 +1022,39 @@ def _check(xs, ys):
 
 
 def _exponent_kind(e: float) -> int:
-    """How _power treats exponent e: 0 absent, 1 exact, 2 integer, 3 general."""
+    """How _power treats exponent e (the EXPONENT_* constants)."""
     if e == 0.0:
-        return 0
+        return EXPONENT_ABSENT.value
     if e == 1.0:
-        return 1
-    return 2 if float(e).is_integer() else 3
+        return EXPONENT_ONE.value
+    return EXPONENT_INTEGER.value if float(e).is_integer() else EXPONENT_GENERAL.value
 
 
-def _scalars(options):
+def _layout_flags(xs, ys) -> dict:
+    """WIDE: some offset within a plane may reach 2^31 elements (the kernels then use int64 offsets)."""
+    wide = any(max(t.shape[2] * abs(t.stride(2)), t.shape[3] * abs(t.stride(3))) >= 2**31 for t in list(xs) + list(ys))
+    return dict(WIDE=wide)
+
+
+def kernel_constants(options) -> dict:
+    """The constexprs both kernels take from the op's options."""
     exponents = (options.alpha, options.beta, options.gamma)
-    return dict(c1=options.c1, c2=options.c2, alpha=options.alpha, beta=options.beta, gamma=options.gamma,
-                R=options.window_size // 2, PADDING=options.padding, CLAMP=options.clamp,
+    taps = _taps(options)
+    return dict(TAPS=taps, R=len(taps) // 2, PADDING=options.padding, CLAMP=options.clamp,
                 DEFAULT_EXPONENTS=exponents == (1.0, 1.0, 1.0),
                 KINDS=tuple(_exponent_kind(e) for e in exponents),
                 ODDS=tuple(float(e).is_integer() and int(e) % 2 == 1 for e in exponents),
-                EPS_SIGMA=EPS_SIGMA, BLOCK=BLOCK, DOT_PRECISION=DOT_PRECISION, FIELDS=NUM_FIELDS)
+                EPS_SIGMA=EPS_SIGMA, LANES=LANES, MAX_SLOTS=MAX_SLOTS)
+
+
+def _scratch_row(radius: int) -> int:
+    """Floats in one scratch row of a program (ROW in the kernels): the lanes and an r-wide margin each side."""
+    return LANES + 2 * radius
+
+
+def _chunks(count: int):
+    for start in range(0, count, MAX_LEVELS_PER_LAUNCH):
+        yield slice(start, min(start + MAX_LEVELS_PER_LAUNCH, count))
 
 
 def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_map):
@@ -563,24 +1062,28 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
     _check(xs, ys)
     device = xs[0].device
     radius = options.window_size // 2
-    offset = radius if options.padding == VALID else 0
+    offset = radius if options.padding == PADDING_CODES["valid"] else 0
     maps = ([torch.empty(x.shape[0], x.shape[1], x.shape[2] - 2 * offset, x.shape[3] - 2 * offset,
                          dtype=torch.float32, device=device) for x in xs] if write_map else [])
-    table, scales, tiles, _ = _level_table(xs, ys, x_affines, y_affines, maps, [], [], [], BLOCK - 2 * radius,
-                                           level_scales, device)
-    partials = torch.empty(tiles, dtype=torch.float32, device=device)
-    has_affine = bool(x_affines)
-    _ssim_fwd_kernel[(tiles,)](
-        x_ptr=xs[0], y_ptr=ys[0],
-        xa_ptr=x_affines[0] if has_affine else partials, ya_ptr=y_affines[0] if has_affine else partials,
-        map_ptr=maps[0] if write_map else partials, taps_ptr=_taps(options, device), table_ptr=table,
-        partials_ptr=partials, num_levels=len(xs), HAS_AFFINE=has_affine, WRITE_MAP=write_map,
-        **_scalars(options),
-    )
+    constants = kernel_constants(options)
     losses = torch.empty(len(xs), dtype=torch.float32, device=device)
-    _level_sum_kernel[(len(xs),)](partials_ptr=partials, table_ptr=table,
-                                  scales_ptr=scales, out_ptr=losses, CHUNK=256,
-                                  FIELDS=NUM_FIELDS)
+    for part in _chunks(len(xs)):
+        x_aff, y_aff = x_affines[part], y_affines[part]
+        launch = _launch_table(xs[part], ys[part], x_aff, y_aff, maps[part], [], [], level_scales[part],
+                               constants["TAPS"], options.padding, False, device)
+        partials = torch.empty(launch.pairs, dtype=torch.float32, device=device)
+        scratch = torch.empty(launch.programs * 10 * _scratch_row(constants["R"]), dtype=torch.float32, device=device)
+        _ssim_fwd_kernel[(launch.programs,)](
+            x_ptr=xs[part][0], y_ptr=ys[part][0],
+            xa_ptr=x_aff[0] if x_aff else partials, ya_ptr=y_aff[0] if y_aff else partials,
+            map_ptr=maps[part][0] if write_map else partials, weights_ptr=launch.weights, table_ptr=launch.table,
+            partials_ptr=partials, scratch_ptr=scratch,
+            num_levels=len(xs[part]), c1=options.c1, c2=options.c2, alpha=options.alpha, beta=options.beta,
+            gamma=options.gamma, HAS_AFFINE=bool(x_aff), WRITE_MAP=write_map, **constants,
+            **_layout_flags(xs[part], ys[part]), **launch_options("fwd"),
+        )
+        _level_sum_kernel[(len(xs[part]),)](partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales,
+                                            out_ptr=losses[part], CHUNK=256)
     return losses, maps
 
 
@@ -589,36 +1092,41 @@ def ssim_bwd_triton(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_
     """Backward of ssimkd::fused_ssim_fwd_triton: (gxs, gys, g_x_affines, g_y_affines), [] where not needed."""
     _check(xs, ys)
     device = xs[0].device
-    radius = options.window_size // 2
     gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
     gys = [torch.empty_like(y) for y in ys] if y_needs_grad else []
-    table, scales, tiles, planes = _level_table(xs, ys, x_affines, y_affines, [], grad_maps, gxs, gys,
-                                                BLOCK - 4 * radius, level_scales, device)
-    partials = torch.zeros(tiles, 4, dtype=torch.float32, device=device)
+    constants = kernel_constants(options)
+    num_maps = 1 + 2 * x_needs_grad + 2 * y_needs_grad
     has_affine = bool(x_affines)
-    _ssim_bwd_kernel[(tiles,)](
-        x_ptr=xs[0], y_ptr=ys[0],
-        xa_ptr=x_affines[0] if has_affine else partials, ya_ptr=y_affines[0] if has_affine else partials,
-        gmap_ptr=grad_maps[0] if grad_maps else partials,
-        gx_ptr=gxs[0] if gxs else xs[0], gy_ptr=gys[0] if gys else ys[0],
-        taps_ptr=_taps(options, device), table_ptr=table, scales_ptr=scales,
-        grad_ptr=grad_losses, partials_ptr=partials, num_levels=len(xs),
-        HAS_AFFINE=has_affine, HAS_GRAD_MAP=bool(grad_maps), NEED_X=x_needs_grad, NEED_Y=y_needs_grad,
-        **_scalars(options),
-    )
     g_x_affines, g_y_affines = [], []
-    if has_affine and (x_needs_grad or y_needs_grad):
-        sums = torch.empty(planes, 4, dtype=torch.float32, device=device)
-        _plane_sum_kernel[(planes,)](partials_ptr=partials, table_ptr=table, out_ptr=sums, num_levels=len(xs),
-                                     CHUNK=64, FIELDS=NUM_FIELDS)
-        start = 0
-        for l, x in enumerate(xs):
-            count = x.shape[0] * x.shape[1]
-            block = sums[start : start + count].view(x.shape[0], x.shape[1], 4)
-            # dL/d(scale, offset) = (sum dL/dx-hat (x - offset), -scale sum dL/dx-hat)
-            if x_needs_grad:
-                g_x_affines.append(torch.stack([block[..., 0], -x_affines[l][..., 0] * block[..., 1]], dim=-1))
-            if y_needs_grad:
-                g_y_affines.append(torch.stack([block[..., 2], -y_affines[l][..., 0] * block[..., 3]], dim=-1))
-            start += count
+    for part in _chunks(len(xs)):
+        x_aff, y_aff = x_affines[part], y_affines[part]
+        launch = _launch_table(xs[part], ys[part], x_aff, y_aff, grad_maps[part], gxs[part], gys[part],
+                               level_scales[part], constants["TAPS"], options.padding, True, device)
+        partials = torch.zeros(launch.pairs, 4, dtype=torch.float32, device=device)
+        scratch = torch.empty(launch.programs * (5 + num_maps) * _scratch_row(constants["R"]), dtype=torch.float32,
+                              device=device)
+        _ssim_bwd_kernel[(launch.programs,)](
+            x_ptr=xs[part][0], y_ptr=ys[part][0],
+            xa_ptr=x_aff[0] if has_affine else partials, ya_ptr=y_aff[0] if has_affine else partials,
+            gmap_ptr=grad_maps[part][0] if grad_maps else partials,
+            gx_ptr=gxs[part][0] if gxs else xs[part][0], gy_ptr=gys[part][0] if gys else ys[part][0],
+            weights_ptr=launch.weights, table_ptr=launch.table, scales_ptr=launch.scales,
+            grad_ptr=grad_losses[part], partials_ptr=partials, scratch_ptr=scratch, num_levels=len(xs[part]),
+            c1=options.c1, c2=options.c2, alpha=options.alpha, beta=options.beta, gamma=options.gamma,
+            HAS_AFFINE=has_affine, HAS_GRAD_MAP=bool(grad_maps), NEED_X=x_needs_grad, NEED_Y=y_needs_grad,
+            **constants, **_layout_flags(xs[part], ys[part]), **launch_options("bwd"),
+        )
+        if has_affine and (x_needs_grad or y_needs_grad):
+            begin = 0
+            for l, x in enumerate(xs[part]):
+                strips = launch.plans[l].strips
+                count = x.shape[0] * x.shape[1] * strips
+                # per plane: the sums of its strips, in order
+                block = partials[begin : begin + count].view(x.shape[0], x.shape[1], strips, 4).sum(dim=2)
+                # dL/d(scale, offset) = (sum dL/dx-hat (x - offset), -scale sum dL/dx-hat)
+                if x_needs_grad:
+                    g_x_affines.append(torch.stack([block[..., 0], -x_aff[l][..., 0] * block[..., 1]], dim=-1))
+                if y_needs_grad:
+                    g_y_affines.append(torch.stack([block[..., 2], -y_aff[l][..., 0] * block[..., 3]], dim=-1))
+                begin += count
     return gxs, gys, g_x_affines, g_y_affines
