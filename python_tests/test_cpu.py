@@ -84,8 +84,9 @@ def _loss_and_grads(students, teachers, padding):
 @pytest.mark.parametrize("padding", ["reflect", "zero", "valid"])
 def test_each_instruction_set_against_reference(isa, padding, monkeypatch):
     """Every kernel width (4, 8, 16 floats) on tile borders, tails of partial vectors and tiny planes."""
-    from ssimkd_kernels.ops import cpu_isa
     from test_backends import check_against_reference
+
+    from ssimkd_kernels.ops import cpu_isa
 
     if isa not in _instruction_sets_here():
         pytest.skip(f"this CPU cannot run the {isa} kernels")

@@ -32,7 +32,8 @@ def test_default_kernels_use_no_local_memory(compiled, config):
     stats = compiled[config]
     assert not stats.local_memory, (
         f"{config.name} on sm_90: {stats.registers} registers, {stats.stack_bytes} B stack, {stats.local_bytes} B "
-        f"local, {stats.spill_loads} LDL / {stats.spill_stores} STL in the SASS")
+        f"local, {stats.spill_loads} LDL / {stats.spill_stores} STL in the SASS"
+    )
     assert stats.per_row, f"{config.name}: no row loop found in the SASS (see kernel_report.parse_sass)"
 
 

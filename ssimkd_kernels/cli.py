@@ -68,8 +68,10 @@ def _build(args) -> int:
     if compiled:
         print(f"built the C++ extension ({kernels}) in {time.perf_counter() - start:.0f} s: {ext.path}")
     else:
-        print(f"the C++ extension ({kernels}) for torch {torch.__version__} is already built: {ext.path}"
-              + ("" if ext.origin == "installed" else " (--force compiles it anew)"))
+        print(
+            f"the C++ extension ({kernels}) for torch {torch.__version__} is already built: {ext.path}"
+            + ("" if ext.origin == "installed" else " (--force compiles it anew)")
+        )
     plan = _extension.build_plan(torch)
     if not ext.gpu_kernels and plan.cpu_only_because:
         print(f"no GPU kernels: {plan.cpu_only_because}")
@@ -132,7 +134,9 @@ def _eval(args) -> int:
 
     def action():
         metrics = run_eval(args.checkpoint, args.overrides, out_json=args.json_out, progress=not args.json)
-        print(json.dumps(metrics, indent=2) if args.json else f"{format_metrics(metrics)}  ({metrics['images']} images)")
+        print(
+            json.dumps(metrics, indent=2) if args.json else f"{format_metrics(metrics)}  ({metrics['images']} images)"
+        )
 
     return _run(action)
 
@@ -157,27 +161,53 @@ def _demo(args) -> int:
 
 def _add_config_options(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", help=config_help)
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override config fields, e.g. --set train.lr=0.01 kd.mode=ssim")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override config fields, e.g. --set train.lr=0.01 kd.mode=ssim",
+    )
 
 
 def _add_distill_commands(sub) -> None:
     demo = sub.add_parser("demo", help="the main job: teacher, then students with none / l2 / ssim KD, mAP table")
-    demo.add_argument("--preset", choices=("smoke", "default", "gpu"), default="default",
-                      help="smoke: ~2 min on 2 CPU cores; default: < 30 min; gpu: larger images and schedule")
-    demo.add_argument("--out", default="runs/demo", help="output folder (results.json, results.png, one folder per run)")
+    demo.add_argument(
+        "--preset",
+        choices=("smoke", "default", "gpu"),
+        default="default",
+        help="smoke: ~2 min on 2 CPU cores; default: < 30 min; gpu: larger images and schedule",
+    )
+    demo.add_argument(
+        "--out", default="runs/demo", help="output folder (results.json, results.png, one folder per run)"
+    )
     demo.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train a detector, optionally distilled (torchrun for DDP)")
     _add_config_options(train, "TOML file, or a preset name in configs/ (e.g. synthetic-retinanet)")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                       help="continue from train.out/checkpoint.pt (or the given file), exactly")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from train.out/checkpoint.pt (or the given file), exactly",
+    )
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("eval", help="COCO mAP of a trained detector on its config's val split")
     evaluate.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt of a train run")
-    evaluate.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
-                          help="override the saved config, e.g. data.val_annotations=... eval.max_images=100")
+    evaluate.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override the saved config, e.g. data.val_annotations=... eval.max_images=100",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument("--json-out", help="also write the metrics to this file")
     evaluate.set_defaults(func=_eval)

@@ -74,8 +74,11 @@ def default_configs() -> list[KernelConfig]:
         variants = [dict()] + [dict(padding=p) for p in ("zero", "valid")] + [dict(window=w) for w in (3, 15)]
         variants += [dict(exponents=(0.0, 0.0, 1.0)), dict(exponents=(1.0, 0.5, 2.0))]
         variants += [dict(dtype=d) for d in ("float16", "bfloat16")] + [dict(affine=False)]
-        variants += [dict(window=15, padding="zero"), dict(window=15, padding="valid"),
-                     dict(window=15, exponents=(1.0, 0.5, 2.0))]
+        variants += [
+            dict(window=15, padding="zero"),
+            dict(window=15, padding="valid"),
+            dict(window=15, exponents=(1.0, 0.5, 2.0)),
+        ]
         for variant in variants:
             for grad in grads:
                 configs.append(KernelConfig(kernel, teacher_grad=grad, **variant))
@@ -237,8 +240,13 @@ def parse_sass(sass: str, kernel: str) -> dict:
             others.append(body)
     rows.sort(key=lambda row: row[0].total)
     program = mix(lambda address: not any(a <= address <= b for a, b in loops))
-    return dict(program=program, interior=rows[0][0] if rows else SassMix(), border=[r[0] for r in rows[1:]],
-                other=others, row_barriers=rows[0][1] if rows else 0)
+    return dict(
+        program=program,
+        interior=rows[0][0] if rows else SassMix(),
+        border=[r[0] for r in rows[1:]],
+        other=others,
+        row_barriers=rows[0][1] if rows else 0,
+    )
 
 
 @dataclass
@@ -287,10 +295,12 @@ def read_cubin(cubin: bytes) -> tuple[str, str]:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"
         path.write_bytes(cubin)
-        usage = subprocess.run([cuda_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True,
-                               text=True, check=True).stdout
-        sass = subprocess.run([cuda_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout
+        usage = subprocess.run(
+            [cuda_tool("cuobjdump"), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [cuda_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True, check=True
+        ).stdout
     return usage, sass
 
 
@@ -304,14 +314,26 @@ def stats_of(compiled, config_name: str, kernel: str, arch: int, num_warps: int,
         every = every + other
     blocks, warps = occupancy(registers, shared, num_warps, arch)
     return KernelStats(
-        config=config_name, arch=arch, num_warps=num_warps, registers=registers, stack_bytes=stack,
-        shared_bytes=shared, local_bytes=local, spill_stores=int(every.counts["STL"]),
-        spill_loads=int(every.counts["LDL"]), blocks_per_sm=blocks, warps_per_sm=warps,
-        occupancy=warps / SM_LIMITS[arch]["warps"], per_program=dict(parts["program"].counts),
-        per_row=dict(parts["interior"].counts), per_border_row=[dict(b.counts) for b in parts["border"]],
-        other_loops=[dict(o.counts) for o in parts["other"]], mma_macs_per_row=parts["interior"].mma_macs,
+        config=config_name,
+        arch=arch,
+        num_warps=num_warps,
+        registers=registers,
+        stack_bytes=stack,
+        shared_bytes=shared,
+        local_bytes=local,
+        spill_stores=int(every.counts["STL"]),
+        spill_loads=int(every.counts["LDL"]),
+        blocks_per_sm=blocks,
+        warps_per_sm=warps,
+        occupancy=warps / SM_LIMITS[arch]["warps"],
+        per_program=dict(parts["program"].counts),
+        per_row=dict(parts["interior"].counts),
+        per_border_row=[dict(b.counts) for b in parts["border"]],
+        other_loops=[dict(o.counts) for o in parts["other"]],
+        mma_macs_per_row=parts["interior"].mma_macs,
         row_barriers=int(parts["row_barriers"]),
-        compile_seconds=seconds)
+        compile_seconds=seconds,
+    )
 
 
 _ANALYSED: dict = {}  # (config, arch) -> KernelStats, for the process
@@ -333,11 +355,11 @@ def compile_in_child(jobs: list[tuple[KernelConfig, int]]) -> list[KernelStats]:
     """Compile and read `jobs` in one child Python with the interpreter off (this package first on its
     path); the results come back as JSON on its stdout."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                      env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     request = json.dumps([[asdict(config), arch] for config, arch in jobs])
-    result = subprocess.run([sys.executable, "-m", __name__, "--compile"], input=request, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", __name__, "--compile"], input=request, env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise RuntimeError(f"ssimkd: compiling the Triton kernels in a child process failed:\n{result.stderr[-4000:]}")
     return [KernelStats(**stats) for stats in json.loads(result.stdout.splitlines()[-1])]  # the last line
@@ -361,8 +383,10 @@ def analyse(config: KernelConfig, arch: int = 90) -> KernelStats:
 
 def _compile_requests():
     """The child's side of compile_in_child: JSON [[config fields, arch], ...] on stdin, stats out."""
-    jobs = [(KernelConfig(**dict(fields, exponents=tuple(fields["exponents"]))), arch)
-            for fields, arch in json.load(sys.stdin)]
+    jobs = [
+        (KernelConfig(**dict(fields, exponents=tuple(fields["exponents"]))), arch)
+        for fields, arch in json.load(sys.stdin)
+    ]
     results = [asdict(_compile_here(config, arch)) for config, arch in jobs]
     print("\n" + json.dumps(results))
 
@@ -372,8 +396,9 @@ def _compile_requests():
 # ------------------------------------------------------------------------------------------------
 
 
-def level_work(stats: KernelStats, kernel: str, batch: int, channels: int, planes, window: int = 11,
-               padding: str = "reflect") -> dict:
+def level_work(
+    stats: KernelStats, kernel: str, batch: int, channels: int, planes, window: int = 11, padding: str = "reflect"
+) -> dict:
     """Thread instructions by opcode of one kernel over the given levels, per element of one input:
     programs x warps x 32 x (once + interior rows x interior body + border rows x border body + tail x
     tail body) / elements, programs from the launcher's plan (triton_kernels.level_plan). A kernel
@@ -409,8 +434,9 @@ def fma_per_element(mix: dict, mma_macs: float = 0.0) -> float:
     return mix.get("FFMA", 0.0) + mma_macs
 
 
-def throughput_bound(mix: dict, elements: int, dram_bytes: float, sms: int, clock_hz: float,
-                     dram_bandwidth: float) -> dict:
+def throughput_bound(
+    mix: dict, elements: int, dram_bytes: float, sms: int, clock_hz: float, dram_bandwidth: float
+) -> dict:
     """A lower bound on a kernel's time from its instruction mix (an estimate, not a measurement):
     the largest of issue (4 warp instructions per clock per SM), the fp32 pipe (4 per clock per SM),
     the load/store pipe (1 warp instruction per clock per SM, each taken as one L1 wavefront) and DRAM
@@ -420,8 +446,12 @@ def throughput_bound(mix: dict, elements: int, dram_bytes: float, sms: int, cloc
     fp32 = sum(warp.get(k, 0.0) for k in FP32_OPS)
     memory = sum(warp.get(k, 0.0) for k in MEMORY_OPS)
     per_second = sms * clock_hz
-    bounds = dict(issue=total / (4 * per_second), fp32=fp32 / (4 * per_second), load_store=memory / per_second,
-                  dram=dram_bytes / dram_bandwidth)
+    bounds = dict(
+        issue=total / (4 * per_second),
+        fp32=fp32 / (4 * per_second),
+        load_store=memory / per_second,
+        dram=dram_bytes / dram_bandwidth,
+    )
     bounds["bound"] = max(bounds.values())
     bounds["limiter"] = max(("issue", "fp32", "load_store", "dram"), key=lambda k: bounds[k])
     return bounds
@@ -442,8 +472,7 @@ def extension_resources() -> list[dict] | str:
     if not ops.CUDA_COMPILED:
         return "not built with CUDA"
     library = ops._C.__file__
-    result = subprocess.run([cuda_tool("cuobjdump"), "--dump-resource-usage", library], capture_output=True,
-                            text=True)
+    result = subprocess.run([cuda_tool("cuobjdump"), "--dump-resource-usage", library], capture_output=True, text=True)
     kernels, arch = [], None
     for line in result.stdout.splitlines():
         found = re.search(r"arch = sm_(\d+)", line)

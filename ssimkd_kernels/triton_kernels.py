@@ -96,6 +96,8 @@ def launch_options(kernel: str) -> dict:
     """The compile options of the forward ("fwd") or backward ("bwd") kernel, for its launches and for
     kernel_report (which compiles them for a GPU target without one)."""
     return dict(num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS[kernel])
+
+
 MAX_LEVELS = tl.constexpr(MAX_LEVELS_PER_LAUNCH)
 
 # The level table: one int64 row per level, these columns. Offsets are in elements from level 0's
@@ -243,16 +245,38 @@ def _lanes(table_ptr, num_levels, LANES: tl.constexpr) -> Lanes:
     active = real & (col >= 0) & (col < W)
     owned = active & (col >= start) & (col < start + strip_w)
     n = plane // C
-    return Lanes(level, row, group, H, W, slots, pairs, slot_w, slot, k, start, col, active, owned,
-                 tl.minimum(tl.maximum(col, 0), W - 1), plane, n, plane - n * C)
+    return Lanes(
+        level,
+        row,
+        group,
+        H,
+        W,
+        slots,
+        pairs,
+        slot_w,
+        slot,
+        k,
+        start,
+        col,
+        active,
+        owned,
+        tl.minimum(tl.maximum(col, 0), W - 1),
+        plane,
+        n,
+        plane - n * C,
+    )
 
 
 @triton.jit
 def _plane_pointer(base_ptr, row, lanes: Lanes, OFF: tl.constexpr, S_N: tl.constexpr, S_C: tl.constexpr):
     """Per lane: the start of its plane in a tensor whose offset and strides are table columns OFF, S_N,
     S_C (int64, so tensors past 2^31 elements work)."""
-    return (base_ptr + tl.load(row + OFF) + lanes.n.to(tl.int64) * tl.load(row + S_N)
-            + lanes.c.to(tl.int64) * tl.load(row + S_C))
+    return (
+        base_ptr
+        + tl.load(row + OFF)
+        + lanes.n.to(tl.int64) * tl.load(row + S_N)
+        + lanes.c.to(tl.int64) * tl.load(row + S_C)
+    )
 
 
 @triton.jit
@@ -265,8 +289,16 @@ def _row_stride(row, COLUMN: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _affine(aff_ptr, row, lanes: Lanes, OFF: tl.constexpr, S_N: tl.constexpr, S_C: tl.constexpr,
-            S_K: tl.constexpr, HAS_AFFINE: tl.constexpr) -> Affine:
+def _affine(
+    aff_ptr,
+    row,
+    lanes: Lanes,
+    OFF: tl.constexpr,
+    S_N: tl.constexpr,
+    S_C: tl.constexpr,
+    S_K: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+) -> Affine:
     """Per lane: the (scale, offset) of its plane's affine, or the identity."""
     if HAS_AFFINE:
         base = _plane_pointer(aff_ptr, row, lanes, OFF, S_N, S_C)
@@ -299,8 +331,23 @@ def _power(v, e, KIND: tl.constexpr, ODD: tl.constexpr):
 
 
 @triton.jit
-def _ssim_and_partials(mu_x, mu_y, var_x, var_y, cov, c1, c2, alpha, beta, gamma, EPS: tl.constexpr,
-                       DEFAULT: tl.constexpr, PARTIALS: tl.constexpr, KINDS: tl.constexpr, ODDS: tl.constexpr):
+def _ssim_and_partials(
+    mu_x,
+    mu_y,
+    var_x,
+    var_y,
+    cov,
+    c1,
+    c2,
+    alpha,
+    beta,
+    gamma,
+    EPS: tl.constexpr,
+    DEFAULT: tl.constexpr,
+    PARTIALS: tl.constexpr,
+    KINDS: tl.constexpr,
+    ODDS: tl.constexpr,
+):
     """S and dS/d(mu_x, mu_y, var_x, var_y, cov) (csrc/ssim_math.h, ssim_partials)."""
     A1 = 2.0 * mu_x * mu_y + c1
     B1 = mu_x * mu_x + mu_y * mu_y + c1
@@ -387,14 +434,31 @@ def _gather_weights(weights_ptr, row, lanes: Lanes, R: tl.constexpr, KP: tl.cons
     reads, 0 off the plane; the sum of the taps that fall off the plane, zero padding's share)."""
     K: tl.constexpr = 2 * R + 1
     k = tl.arange(0, KP)[:, None]
-    table = tl.load(weights_ptr + tl.load(row + COL_GATHER_WEIGHTS) + (lanes.load_col[None, :] + R) * (K + 1) + k,
-                    mask=k <= K, other=0.0)
+    table = tl.load(
+        weights_ptr + tl.load(row + COL_GATHER_WEIGHTS) + (lanes.load_col[None, :] + R) * (K + 1) + k,
+        mask=k <= K,
+        other=0.0,
+    )
     return tl.where(k < K, table, 0.0), tl.sum(tl.where(k == K, table, 0.0), axis=0)
 
 
 @triton.jit
-def _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr,
-                    R: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr):
+def _column_moments(
+    x_col,
+    xs_h,
+    y_col,
+    ys_h,
+    p,
+    H,
+    x_aff: Affine,
+    y_aff: Affine,
+    cx,
+    cy,
+    g: tl.constexpr,
+    R: tl.constexpr,
+    PADDING: tl.constexpr,
+    BORDER: tl.constexpr,
+):
     """The vertical pass for output row p at each lane's own column: sum over k of g_k z(p - r + k) for
     z = x', y', x'^2, y'^2, x'y' (x' = x-hat - cx), g the taps (immediates). BORDER: some of the rows
     are off the plane, read through the padding's index map; else they are p - r .. p + r. One 1-D
@@ -443,8 +507,18 @@ def _shifted_sums(scratch, weights, MAPS: tl.constexpr, R: tl.constexpr, KP: tl.
 
 
 @triton.jit
-def _row_moments(scratch, columns, weights, outside, cx, cy, R: tl.constexpr, KP: tl.constexpr, ROW: tl.constexpr,
-                 PADDING: tl.constexpr):
+def _row_moments(
+    scratch,
+    columns,
+    weights,
+    outside,
+    cx,
+    cy,
+    R: tl.constexpr,
+    KP: tl.constexpr,
+    ROW: tl.constexpr,
+    PADDING: tl.constexpr,
+):
     """The horizontal pass: each lane's five column sums go to the scratch rows, one barrier, then each
     lane reads its neighbours' back: mu' = sum_j A(q, q - r + j) column(q - r + j), the weights A
     holding the padding's folds (and 0 off the plane). Under zero padding the taps off the plane read
@@ -464,14 +538,27 @@ def _row_moments(scratch, columns, weights, outside, cx, cy, R: tl.constexpr, KP
 
 
 @triton.jit
-def _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff: Affine, y_aff: Affine, g: tl.constexpr, lanes: Lanes,
-                  R: tl.constexpr, KP: tl.constexpr, PADDING: tl.constexpr, MAX_SLOTS: tl.constexpr):
+def _slot_centres(
+    x_col,
+    xs_h,
+    y_col,
+    ys_h,
+    p0,
+    H,
+    x_aff: Affine,
+    y_aff: Affine,
+    g: tl.constexpr,
+    lanes: Lanes,
+    R: tl.constexpr,
+    KP: tl.constexpr,
+    PADDING: tl.constexpr,
+    MAX_SLOTS: tl.constexpr,
+):
     """Per lane: the centres cx, cy of its slot, the mean of x-hat and y-hat over the first output row's
     windows (the vertical pass of rows p0 - r .. p0 + r, averaged over the slot's columns). Any centre
     is exact; one near the data keeps the float32 variances E[x'^2] - mu'^2 from cancelling."""
     zero = tl.zeros((x_col.shape[0],), tl.float32)
-    columns = _column_moments(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, zero, zero, g, R, PADDING,
-                              True)
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, zero, zero, g, R, PADDING, True)
     s = tl.arange(0, MAX_SLOTS)[:, None]
     member = (lanes.slot[None, :] == s) & lanes.active[None, :]
     count = tl.maximum(tl.sum(member.to(tl.float32), axis=1), 1.0)[:, None]
@@ -487,20 +574,64 @@ def _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff: Affine, y_aff: Affine,
 
 
 @triton.jit
-def _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr,
-                 gather, outside, scratch, out_col, map_row, out_w, c1, c2, alpha, beta, gamma, R: tl.constexpr,
-                 KP: tl.constexpr, ROW: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr,
-                 WRITE_MAP: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr,
-                 EPS_SIGMA: tl.constexpr, KINDS: tl.constexpr, ODDS: tl.constexpr):
+def _forward_row(
+    p,
+    total,
+    x_col,
+    xs_h,
+    y_col,
+    ys_h,
+    H,
+    x_aff: Affine,
+    y_aff: Affine,
+    cx,
+    cy,
+    g: tl.constexpr,
+    gather,
+    outside,
+    scratch,
+    out_col,
+    map_row,
+    out_w,
+    c1,
+    c2,
+    alpha,
+    beta,
+    gamma,
+    R: tl.constexpr,
+    KP: tl.constexpr,
+    ROW: tl.constexpr,
+    PADDING: tl.constexpr,
+    BORDER: tl.constexpr,
+    WRITE_MAP: tl.constexpr,
+    DEFAULT_EXPONENTS: tl.constexpr,
+    CLAMP: tl.constexpr,
+    EPS_SIGMA: tl.constexpr,
+    KINDS: tl.constexpr,
+    ODDS: tl.constexpr,
+):
     """Output row p: the vertical pass at the lanes' columns, the horizontal pass through `scratch` (the
     buffer of this row's parity: slower warps may still read the other one), the SSIM terms; returns
     total + m (on the output columns) and stores S to the map when asked."""
-    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING,
-                              BORDER)
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING, BORDER)
     mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
-    S, _, _, _, _, _ = _ssim_and_partials(mu_x + cx, mu_y + cy, e_xx - mu_x * mu_x, e_yy - mu_y * mu_y,
-                                          e_xy - mu_x * mu_y, c1, c2, alpha, beta, gamma,
-                                          EPS_SIGMA, DEFAULT_EXPONENTS, False, KINDS, ODDS)
+    S, _, _, _, _, _ = _ssim_and_partials(
+        mu_x + cx,
+        mu_y + cy,
+        e_xx - mu_x * mu_x,
+        e_yy - mu_y * mu_y,
+        e_xy - mu_x * mu_y,
+        c1,
+        c2,
+        alpha,
+        beta,
+        gamma,
+        EPS_SIGMA,
+        DEFAULT_EXPONENTS,
+        False,
+        KINDS,
+        ODDS,
+    )
     m = (1.0 - S) * 0.5
     if CLAMP:
         m = tl.where(m < 0.0, 0.0, tl.where(m > 1.0, 1.0, m))  # NaN stays NaN
@@ -511,11 +642,33 @@ def _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff: Affine, y_aff: Af
 
 @triton.jit
 def _ssim_fwd_kernel(
-    x_ptr, y_ptr, xa_ptr, ya_ptr, map_ptr, weights_ptr, table_ptr, partials_ptr, scratch_ptr,
-    num_levels, c1, c2, alpha, beta, gamma,
-    TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr,
-    WRITE_MAP: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr,
-    KINDS: tl.constexpr, ODDS: tl.constexpr, WIDE: tl.constexpr, LANES: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    xa_ptr,
+    ya_ptr,
+    map_ptr,
+    weights_ptr,
+    table_ptr,
+    partials_ptr,
+    scratch_ptr,
+    num_levels,
+    c1,
+    c2,
+    alpha,
+    beta,
+    gamma,
+    TAPS: tl.constexpr,
+    R: tl.constexpr,
+    PADDING: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    WRITE_MAP: tl.constexpr,
+    DEFAULT_EXPONENTS: tl.constexpr,
+    CLAMP: tl.constexpr,
+    EPS_SIGMA: tl.constexpr,
+    KINDS: tl.constexpr,
+    ODDS: tl.constexpr,
+    WIDE: tl.constexpr,
+    LANES: tl.constexpr,
     MAX_SLOTS: tl.constexpr,
 ):
     # One program: slots of output columns (plus an r halo when a plane has several strips) of one level,
@@ -541,7 +694,6 @@ def _ssim_fwd_kernel(
     x_aff = _affine(xa_ptr, row, lanes, COL_XA_OFF, COL_XA_N, COL_XA_C, COL_XA_K, HAS_AFFINE)
     y_aff = _affine(ya_ptr, row, lanes, COL_YA_OFF, COL_YA_N, COL_YA_C, COL_YA_K, HAS_AFFINE)
     g: tl.constexpr = TAPS
-    k = tl.arange(0, KP)[:, None]
     gather, outside = _gather_weights(weights_ptr, row, lanes, R, KP)
     # Output rows [p0, p_end) and columns: window centres whose window lies in the padded plane.
     p0 = R if PADDING == VALID else 0
@@ -551,33 +703,133 @@ def _ssim_fwd_kernel(
         out_col = out_col & (lanes.col >= R) & (lanes.col < W - R)
 
     # ---- centring on a mean of each slot's first windows; scratch rows: 2 buffers x 5 maps
-    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING,
-                           MAX_SLOTS)
+    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING, MAX_SLOTS)
     scratch = _scratch_lanes(scratch_ptr, 10, ROW, R, LANES)
 
     offset = R if PADDING == VALID else 0
     out_w = W - 2 * offset
-    map_row = (map_ptr + tl.load(row + COL_MAP_OFF) + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
-               + (lanes.load_col - offset) - offset * out_w)
+    map_row = (
+        map_ptr
+        + tl.load(row + COL_MAP_OFF)
+        + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
+        + (lanes.load_col - offset)
+        - offset * out_w
+    )
     # ---- rows: those whose window crosses the top or bottom edge read through the padding's index map
     top = tl.minimum(R, p_end) if PADDING != VALID else p0
     bottom = tl.maximum(top, H - R) if PADDING != VALID else p_end
     total = tl.zeros((LANES,), tl.float32)
     for p in range(p0, top):
-        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
-                             outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
-                             beta, gamma, R, KP, ROW, PADDING, True, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
-                             KINDS, ODDS)
+        total = _forward_row(
+            p,
+            total,
+            x_col,
+            xs_h,
+            y_col,
+            ys_h,
+            H,
+            x_aff,
+            y_aff,
+            cx,
+            cy,
+            g,
+            gather,
+            outside,
+            scratch + ((p - p0) % 2) * (5 * ROW),
+            out_col,
+            map_row,
+            out_w,
+            c1,
+            c2,
+            alpha,
+            beta,
+            gamma,
+            R,
+            KP,
+            ROW,
+            PADDING,
+            True,
+            WRITE_MAP,
+            DEFAULT_EXPONENTS,
+            CLAMP,
+            EPS_SIGMA,
+            KINDS,
+            ODDS,
+        )
     for p in range(top, bottom):
-        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
-                             outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
-                             beta, gamma, R, KP, ROW, PADDING, False, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
-                             KINDS, ODDS)
+        total = _forward_row(
+            p,
+            total,
+            x_col,
+            xs_h,
+            y_col,
+            ys_h,
+            H,
+            x_aff,
+            y_aff,
+            cx,
+            cy,
+            g,
+            gather,
+            outside,
+            scratch + ((p - p0) % 2) * (5 * ROW),
+            out_col,
+            map_row,
+            out_w,
+            c1,
+            c2,
+            alpha,
+            beta,
+            gamma,
+            R,
+            KP,
+            ROW,
+            PADDING,
+            False,
+            WRITE_MAP,
+            DEFAULT_EXPONENTS,
+            CLAMP,
+            EPS_SIGMA,
+            KINDS,
+            ODDS,
+        )
     for p in range(bottom, p_end):
-        total = _forward_row(p, total, x_col, xs_h, y_col, ys_h, H, x_aff, y_aff, cx, cy, g, gather,
-                             outside, scratch + ((p - p0) % 2) * (5 * ROW), out_col, map_row, out_w, c1, c2, alpha,
-                             beta, gamma, R, KP, ROW, PADDING, True, WRITE_MAP, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA,
-                             KINDS, ODDS)
+        total = _forward_row(
+            p,
+            total,
+            x_col,
+            xs_h,
+            y_col,
+            ys_h,
+            H,
+            x_aff,
+            y_aff,
+            cx,
+            cy,
+            g,
+            gather,
+            outside,
+            scratch + ((p - p0) % 2) * (5 * ROW),
+            out_col,
+            map_row,
+            out_w,
+            c1,
+            c2,
+            alpha,
+            beta,
+            gamma,
+            R,
+            KP,
+            ROW,
+            PADDING,
+            True,
+            WRITE_MAP,
+            DEFAULT_EXPONENTS,
+            CLAMP,
+            EPS_SIGMA,
+            KINDS,
+            ODDS,
+        )
 
     # ---- reduce: each pair's sum of m
     index, holds = _pair_index(lanes, MAX_SLOTS)
@@ -590,8 +842,7 @@ def _ssim_fwd_kernel(
 
 
 @triton.jit
-def _slide_transposed(pendings, rows, row_table, u0, H, TAPS: tl.constexpr, R: tl.constexpr,
-                      PADDING: tl.constexpr):
+def _slide_transposed(pendings, rows, row_table, u0, H, TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr):
     """The transposed vertical pass as sliding sums, for a tuple of maps: pendings[m] holds the open sums
     of gradient rows u0 .. u0 + 2r - 1 (oldest first) before the transposed row rows[m] of centre row
     p = u0 + r arrives; row u takes it with weight M_h(u, p). That is the tap g[p - u + r] except near a
@@ -622,8 +873,27 @@ def _slide_transposed(pendings, rows, row_table, u0, H, TAPS: tl.constexpr, R: t
 
 
 @triton.jit
-def _gradient_rows(u, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, lanes: Lanes, x_aff: Affine,
-                   y_aff: Affine, cx, cy, done, sums_x, sums_y, NEED_X: tl.constexpr, NEED_Y: tl.constexpr):
+def _gradient_rows(
+    u,
+    x_col,
+    xs_h,
+    y_col,
+    ys_h,
+    gx_col,
+    gxs_h,
+    gy_col,
+    gys_h,
+    lanes: Lanes,
+    x_aff: Affine,
+    y_aff: Affine,
+    cx,
+    cy,
+    done,
+    sums_x,
+    sums_y,
+    NEED_X: tl.constexpr,
+    NEED_Y: tl.constexpr,
+):
     """Gradient row u (rows before 0 are skipped): dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c with
     x' = x-hat - cx, stored as scale * dL/dx-hat, and the same for y; adds each input's
     (sum dL/dx-hat (x - offset), sum dL/dx-hat) over the lanes the slot owns to its sums.
@@ -650,24 +920,80 @@ def _gradient_rows(u, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, la
 
 
 @triton.jit
-def _backward_row(p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H,
-                  lanes: Lanes, x_aff: Affine, y_aff: Affine, cx, cy, g: tl.constexpr, gather, outside, transpose,
-                  row_table, scratch, centre_col, grad_scale, gmap_row, out_w, c1, c2, alpha, beta, gamma,
-                  TAPS: tl.constexpr, R: tl.constexpr, KP: tl.constexpr, ROW: tl.constexpr, NUM_MAPS: tl.constexpr,
-                  PADDING: tl.constexpr, BORDER: tl.constexpr, HAS_GRAD_MAP: tl.constexpr, NEED_X: tl.constexpr,
-                  NEED_Y: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr, CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr,
-                  KINDS: tl.constexpr, ODDS: tl.constexpr):
+def _backward_row(
+    p,
+    transposed,
+    sums_x,
+    sums_y,
+    x_col,
+    xs_h,
+    y_col,
+    ys_h,
+    gx_col,
+    gxs_h,
+    gy_col,
+    gys_h,
+    H,
+    lanes: Lanes,
+    x_aff: Affine,
+    y_aff: Affine,
+    cx,
+    cy,
+    g: tl.constexpr,
+    gather,
+    outside,
+    transpose,
+    row_table,
+    scratch,
+    centre_col,
+    grad_scale,
+    gmap_row,
+    out_w,
+    c1,
+    c2,
+    alpha,
+    beta,
+    gamma,
+    TAPS: tl.constexpr,
+    R: tl.constexpr,
+    KP: tl.constexpr,
+    ROW: tl.constexpr,
+    NUM_MAPS: tl.constexpr,
+    PADDING: tl.constexpr,
+    BORDER: tl.constexpr,
+    HAS_GRAD_MAP: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_Y: tl.constexpr,
+    DEFAULT_EXPONENTS: tl.constexpr,
+    CLAMP: tl.constexpr,
+    EPS_SIGMA: tl.constexpr,
+    KINDS: tl.constexpr,
+    ODDS: tl.constexpr,
+):
     """Centre row p: its statistics, the coefficients a, b, c at its centres, their transposed horizontal
     pass; slid into the open transposed sums, which completes gradient row p - r (stored, and added to
     the affine's sums). Returns (the open sums, sums_x, sums_y)."""
     coefficients = scratch + 5 * ROW
     # ---- statistics at centre row p
-    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING,
-                              BORDER)
+    columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING, BORDER)
     mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
     S, dS_dmu_x, dS_dmu_y, dS_dvar_x, dS_dvar_y, dS_dcov = _ssim_and_partials(
-        mu_x + cx, mu_y + cy, e_xx - mu_x * mu_x, e_yy - mu_y * mu_y, e_xy - mu_x * mu_y, c1, c2, alpha, beta,
-        gamma, EPS_SIGMA, DEFAULT_EXPONENTS, True, KINDS, ODDS)
+        mu_x + cx,
+        mu_y + cy,
+        e_xx - mu_x * mu_x,
+        e_yy - mu_y * mu_y,
+        e_xy - mu_x * mu_y,
+        c1,
+        c2,
+        alpha,
+        beta,
+        gamma,
+        EPS_SIGMA,
+        DEFAULT_EXPONENTS,
+        True,
+        KINDS,
+        ODDS,
+    )
     # ---- coefficients a, b, c at the centres of row p (d = dL/dS), to the scratch
     dm_dS = -0.5
     if CLAMP:
@@ -684,8 +1010,10 @@ def _backward_row(p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_co
         tl.store(coefficients + 2 * ROW, b_x)
     if NEED_Y:
         b_y = tl.where(centre_col, d * dS_dvar_y, 0.0)
-        tl.store(coefficients + (NUM_MAPS - 2) * ROW,
-                 tl.where(centre_col, d * dS_dmu_y, 0.0) - 2.0 * mu_y * b_y - mu_x * coef_c)
+        tl.store(
+            coefficients + (NUM_MAPS - 2) * ROW,
+            tl.where(centre_col, d * dS_dmu_y, 0.0) - 2.0 * mu_y * b_y - mu_x * coef_c,
+        )
         tl.store(coefficients + (NUM_MAPS - 1) * ROW, b_y)
     tl.debug_barrier()
     # ---- transposed horizontal pass (per lane q: sum over j of M_w(q, q - r + j) coefficient(q - r + j)),
@@ -693,19 +1021,66 @@ def _backward_row(p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_co
     rows = _shifted_sums(coefficients, transpose, NUM_MAPS, R, KP, ROW)
     u0 = p - R
     done, transposed = _slide_transposed(transposed, rows, row_table, u0, H, TAPS, R, PADDING)
-    sums_x, sums_y = _gradient_rows(u0, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, lanes, x_aff, y_aff,
-                                    cx, cy, done, sums_x, sums_y, NEED_X, NEED_Y)
+    sums_x, sums_y = _gradient_rows(
+        u0,
+        x_col,
+        xs_h,
+        y_col,
+        ys_h,
+        gx_col,
+        gxs_h,
+        gy_col,
+        gys_h,
+        lanes,
+        x_aff,
+        y_aff,
+        cx,
+        cy,
+        done,
+        sums_x,
+        sums_y,
+        NEED_X,
+        NEED_Y,
+    )
     return transposed, sums_x, sums_y
 
 
 @triton.jit
 def _ssim_bwd_kernel(
-    x_ptr, y_ptr, xa_ptr, ya_ptr, gmap_ptr, gx_ptr, gy_ptr, weights_ptr, table_ptr, scales_ptr, grad_ptr,
-    partials_ptr, scratch_ptr, num_levels, c1, c2, alpha, beta, gamma,
-    TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr, HAS_AFFINE: tl.constexpr,
-    HAS_GRAD_MAP: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, DEFAULT_EXPONENTS: tl.constexpr,
-    CLAMP: tl.constexpr, EPS_SIGMA: tl.constexpr, KINDS: tl.constexpr, ODDS: tl.constexpr, WIDE: tl.constexpr,
-    LANES: tl.constexpr, MAX_SLOTS: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    xa_ptr,
+    ya_ptr,
+    gmap_ptr,
+    gx_ptr,
+    gy_ptr,
+    weights_ptr,
+    table_ptr,
+    scales_ptr,
+    grad_ptr,
+    partials_ptr,
+    scratch_ptr,
+    num_levels,
+    c1,
+    c2,
+    alpha,
+    beta,
+    gamma,
+    TAPS: tl.constexpr,
+    R: tl.constexpr,
+    PADDING: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    HAS_GRAD_MAP: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_Y: tl.constexpr,
+    DEFAULT_EXPONENTS: tl.constexpr,
+    CLAMP: tl.constexpr,
+    EPS_SIGMA: tl.constexpr,
+    KINDS: tl.constexpr,
+    ODDS: tl.constexpr,
+    WIDE: tl.constexpr,
+    LANES: tl.constexpr,
+    MAX_SLOTS: tl.constexpr,
 ):
     # One program: slots of gradient columns of one level (plus a 2r halo of window centres and their
     # columns when a plane has several strips), all rows. Per centre row p, the statistics as in the
@@ -731,10 +1106,12 @@ def _ssim_bwd_kernel(
     ys_h = _row_stride(row, COL_YS_H, WIDE)
     x_col = x_plane + lanes.load_col.to(tl.int64) * xs_w
     y_col = y_plane + lanes.load_col.to(tl.int64) * ys_w
-    gx_col = (_plane_pointer(gx_ptr, row, lanes, COL_GX_OFF, COL_GXS_N, COL_GXS_C)
-              + lanes.load_col.to(tl.int64) * tl.load(row + COL_GXS_W))
-    gy_col = (_plane_pointer(gy_ptr, row, lanes, COL_GY_OFF, COL_GYS_N, COL_GYS_C)
-              + lanes.load_col.to(tl.int64) * tl.load(row + COL_GYS_W))
+    gx_col = _plane_pointer(gx_ptr, row, lanes, COL_GX_OFF, COL_GXS_N, COL_GXS_C) + lanes.load_col.to(
+        tl.int64
+    ) * tl.load(row + COL_GXS_W)
+    gy_col = _plane_pointer(gy_ptr, row, lanes, COL_GY_OFF, COL_GYS_N, COL_GYS_C) + lanes.load_col.to(
+        tl.int64
+    ) * tl.load(row + COL_GYS_W)
     gxs_h = tl.load(row + COL_GXS_H)
     gys_h = tl.load(row + COL_GYS_H)
     x_aff = _affine(xa_ptr, row, lanes, COL_XA_OFF, COL_XA_N, COL_XA_C, COL_XA_K, HAS_AFFINE)
@@ -743,8 +1120,11 @@ def _ssim_bwd_kernel(
     k = tl.arange(0, KP)[:, None]
     gather, outside = _gather_weights(weights_ptr, row, lanes, R, KP)
     # M_w(q, q - r + j) for each lane's column q (zero where q - r + j is no window centre)
-    transpose = tl.load(weights_ptr + tl.load(row + COL_COL_WEIGHTS) + (lanes.load_col[None, :] + R) * (K + 1) + k,
-                        mask=k < K, other=0.0)
+    transpose = tl.load(
+        weights_ptr + tl.load(row + COL_COL_WEIGHTS) + (lanes.load_col[None, :] + R) * (K + 1) + k,
+        mask=k < K,
+        other=0.0,
+    )
     row_table = weights_ptr + tl.load(row + COL_ROW_WEIGHTS)
     grad_scale = tl.load(grad_ptr + lanes.level).to(tl.float32) * tl.load(scales_ptr + lanes.level)
     p0 = R if PADDING == VALID else 0
@@ -755,14 +1135,18 @@ def _ssim_bwd_kernel(
 
     # ---- centring on a mean of each slot's first windows; scratch rows (5 moments, then NUM_MAPS
     # coefficients: one buffer is enough, as each row passes two barriers)
-    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING,
-                           MAX_SLOTS)
+    cx, cy = _slot_centres(x_col, xs_h, y_col, ys_h, p0, H, x_aff, y_aff, g, lanes, R, KP, PADDING, MAX_SLOTS)
     scratch = _scratch_lanes(scratch_ptr, 5 + NUM_MAPS, ROW, R, LANES)
 
     offset = R if PADDING == VALID else 0
     out_w = W - 2 * offset
-    gmap_row = (gmap_ptr + tl.load(row + COL_MAP_OFF) + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
-                + (lanes.load_col - offset) - offset * out_w)
+    gmap_row = (
+        gmap_ptr
+        + tl.load(row + COL_MAP_OFF)
+        + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
+        + (lanes.load_col - offset)
+        - offset * out_w
+    )
     zero = tl.zeros((LANES,), tl.float32)
     transposed = ((zero,) * (2 * R),) * NUM_MAPS  # open sums of gradient rows, per map
     sums_x = (zero, zero)
@@ -773,28 +1157,182 @@ def _ssim_bwd_kernel(
     bottom = tl.maximum(top, H - R) if PADDING != VALID else p_end
     for p in range(p0, top):
         transposed, sums_x, sums_y = _backward_row(
-            p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
-            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
-            gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, True, HAS_GRAD_MAP,
-            NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
+            p,
+            transposed,
+            sums_x,
+            sums_y,
+            x_col,
+            xs_h,
+            y_col,
+            ys_h,
+            gx_col,
+            gxs_h,
+            gy_col,
+            gys_h,
+            H,
+            lanes,
+            x_aff,
+            y_aff,
+            cx,
+            cy,
+            g,
+            gather,
+            outside,
+            transpose,
+            row_table,
+            scratch,
+            centre_col,
+            grad_scale,
+            gmap_row,
+            out_w,
+            c1,
+            c2,
+            alpha,
+            beta,
+            gamma,
+            TAPS,
+            R,
+            KP,
+            ROW,
+            NUM_MAPS,
+            PADDING,
+            True,
+            HAS_GRAD_MAP,
+            NEED_X,
+            NEED_Y,
+            DEFAULT_EXPONENTS,
+            CLAMP,
+            EPS_SIGMA,
+            KINDS,
+            ODDS,
+        )
     for p in range(top, bottom):
         transposed, sums_x, sums_y = _backward_row(
-            p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
-            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
-            gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, False, HAS_GRAD_MAP,
-            NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
+            p,
+            transposed,
+            sums_x,
+            sums_y,
+            x_col,
+            xs_h,
+            y_col,
+            ys_h,
+            gx_col,
+            gxs_h,
+            gy_col,
+            gys_h,
+            H,
+            lanes,
+            x_aff,
+            y_aff,
+            cx,
+            cy,
+            g,
+            gather,
+            outside,
+            transpose,
+            row_table,
+            scratch,
+            centre_col,
+            grad_scale,
+            gmap_row,
+            out_w,
+            c1,
+            c2,
+            alpha,
+            beta,
+            gamma,
+            TAPS,
+            R,
+            KP,
+            ROW,
+            NUM_MAPS,
+            PADDING,
+            False,
+            HAS_GRAD_MAP,
+            NEED_X,
+            NEED_Y,
+            DEFAULT_EXPONENTS,
+            CLAMP,
+            EPS_SIGMA,
+            KINDS,
+            ODDS,
+        )
     for p in range(bottom, p_end):
         transposed, sums_x, sums_y = _backward_row(
-            p, transposed, sums_x, sums_y, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, H, lanes, x_aff,
-            y_aff, cx, cy, g, gather, outside, transpose, row_table, scratch, centre_col, grad_scale,
-            gmap_row, out_w, c1, c2, alpha, beta, gamma, TAPS, R, KP, ROW, NUM_MAPS, PADDING, True, HAS_GRAD_MAP,
-            NEED_X, NEED_Y, DEFAULT_EXPONENTS, CLAMP, EPS_SIGMA, KINDS, ODDS)
+            p,
+            transposed,
+            sums_x,
+            sums_y,
+            x_col,
+            xs_h,
+            y_col,
+            ys_h,
+            gx_col,
+            gxs_h,
+            gy_col,
+            gys_h,
+            H,
+            lanes,
+            x_aff,
+            y_aff,
+            cx,
+            cy,
+            g,
+            gather,
+            outside,
+            transpose,
+            row_table,
+            scratch,
+            centre_col,
+            grad_scale,
+            gmap_row,
+            out_w,
+            c1,
+            c2,
+            alpha,
+            beta,
+            gamma,
+            TAPS,
+            R,
+            KP,
+            ROW,
+            NUM_MAPS,
+            PADDING,
+            True,
+            HAS_GRAD_MAP,
+            NEED_X,
+            NEED_Y,
+            DEFAULT_EXPONENTS,
+            CLAMP,
+            EPS_SIGMA,
+            KINDS,
+            ODDS,
+        )
     # ---- past the last centre row: the open sums complete without new terms
     for p in range(p_end, H + R):
         u0 = p - R
         done, transposed = _slide_transposed(transposed, (zero,) * NUM_MAPS, row_table, u0, H, TAPS, R, PADDING)
-        sums_x, sums_y = _gradient_rows(u0, x_col, xs_h, y_col, ys_h, gx_col, gxs_h, gy_col, gys_h, lanes, x_aff, y_aff,
-                                        cx, cy, done, sums_x, sums_y, NEED_X, NEED_Y)
+        sums_x, sums_y = _gradient_rows(
+            u0,
+            x_col,
+            xs_h,
+            y_col,
+            ys_h,
+            gx_col,
+            gxs_h,
+            gy_col,
+            gys_h,
+            lanes,
+            x_aff,
+            y_aff,
+            cx,
+            cy,
+            done,
+            sums_x,
+            sums_y,
+            NEED_X,
+            NEED_Y,
+        )
 
     # ---- reduce: each pair's four sums
     index, holds = _pair_index(lanes, MAX_SLOTS)
@@ -859,8 +1397,7 @@ def level_plan(planes: int, width: int, halo: int, lanes: int = LANES, max_slots
         slot_w = width if strips == 1 else strip_w + 2 * halo
         if slot_w <= lanes:
             slots = min(lanes // slot_w, max_slots)
-            plan = LevelPlan(strips, strip_w, slot_w, 0 if strips == 1 else halo, slots,
-                             -(-planes * strips // slots))
+            plan = LevelPlan(strips, strip_w, slot_w, 0 if strips == 1 else halo, slots, -(-planes * strips // slots))
             if best is None or plan.programs < best.programs:
                 best = plan
             if best is not None and strips >= 4 * best.strips + 8:
@@ -949,8 +1486,9 @@ class Launch(NamedTuple):
     pairs: int
 
 
-def _launch_table(xs, ys, x_affines, y_affines, maps, gxs, gys, level_scales, taps, padding, backward: bool,
-                  device) -> Launch:
+def _launch_table(
+    xs, ys, x_affines, y_affines, maps, gxs, gys, level_scales, taps, padding, backward: bool, device
+) -> Launch:
     """The level table of one launch (at most MAX_LEVELS levels), cached by layout: the same layouts in
     a training loop skip the host-to-device copies; a miss copies from pinned memory, asynchronously."""
     radius = len(taps) // 2
@@ -993,8 +1531,14 @@ def _launch_table(xs, ys, x_affines, y_affines, maps, gxs, gys, level_scales, ta
         programs += plan.programs
         pairs += n * c * plan.strips
     key = ("table", str(device), tuple(map(tuple, rows)), tuple(level_scales))
-    table, scales = _cached(key, lambda: (_to_device(torch.tensor(rows, dtype=torch.int64), device),
-                                          _to_device(torch.tensor(level_scales, dtype=torch.float32), device)))
+    table, scales = _cached(
+        key,
+        lambda: (
+            _to_device(torch.tensor(rows, dtype=torch.int64), device),
+            _to_device(torch.tensor(level_scales, dtype=torch.float32), device),
+        ),
+    )
+
     def make_weights():
         parts = []
         for h, w in weight_parts:
@@ -1014,8 +1558,10 @@ def _taps(options) -> tuple[float, ...]:
 def _check(xs, ys):
     dtype = xs[0].dtype
     if dtype not in _SUPPORTED:
-        raise TypeError(f"backend 'triton' supports float32, float16 and bfloat16 inputs, got {dtype} "
-                        "(float64 runs on the 'reference' and 'cpu' backends)")
+        raise TypeError(
+            f"backend 'triton' supports float32, float16 and bfloat16 inputs, got {dtype} "
+            "(float64 runs on the 'reference' and 'cpu' backends)"
+        )
     for x, y in zip(xs, ys):
         if x.dtype != dtype or y.dtype != dtype:
             raise TypeError("ssimkd: every level must share one dtype")
@@ -1040,11 +1586,18 @@ def kernel_constants(options) -> dict:
     """The constexprs both kernels take from the op's options."""
     exponents = (options.alpha, options.beta, options.gamma)
     taps = _taps(options)
-    return dict(TAPS=taps, R=len(taps) // 2, PADDING=options.padding, CLAMP=options.clamp,
-                DEFAULT_EXPONENTS=exponents == (1.0, 1.0, 1.0),
-                KINDS=tuple(_exponent_kind(e) for e in exponents),
-                ODDS=tuple(float(e).is_integer() and int(e) % 2 == 1 for e in exponents),
-                EPS_SIGMA=EPS_SIGMA, LANES=LANES, MAX_SLOTS=MAX_SLOTS)
+    return dict(
+        TAPS=taps,
+        R=len(taps) // 2,
+        PADDING=options.padding,
+        CLAMP=options.clamp,
+        DEFAULT_EXPONENTS=exponents == (1.0, 1.0, 1.0),
+        KINDS=tuple(_exponent_kind(e) for e in exponents),
+        ODDS=tuple(float(e).is_integer() and int(e) % 2 == 1 for e in exponents),
+        EPS_SIGMA=EPS_SIGMA,
+        LANES=LANES,
+        MAX_SLOTS=MAX_SLOTS,
+    )
 
 
 def _scratch_row(radius: int) -> int:
@@ -1063,32 +1616,72 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
     device = xs[0].device
     radius = options.window_size // 2
     offset = radius if options.padding == PADDING_CODES["valid"] else 0
-    maps = ([torch.empty(x.shape[0], x.shape[1], x.shape[2] - 2 * offset, x.shape[3] - 2 * offset,
-                         dtype=torch.float32, device=device) for x in xs] if write_map else [])
+    maps = (
+        [
+            torch.empty(
+                x.shape[0],
+                x.shape[1],
+                x.shape[2] - 2 * offset,
+                x.shape[3] - 2 * offset,
+                dtype=torch.float32,
+                device=device,
+            )
+            for x in xs
+        ]
+        if write_map
+        else []
+    )
     constants = kernel_constants(options)
     losses = torch.empty(len(xs), dtype=torch.float32, device=device)
     for part in _chunks(len(xs)):
         x_aff, y_aff = x_affines[part], y_affines[part]
-        launch = _launch_table(xs[part], ys[part], x_aff, y_aff, maps[part], [], [], level_scales[part],
-                               constants["TAPS"], options.padding, False, device)
+        launch = _launch_table(
+            xs[part],
+            ys[part],
+            x_aff,
+            y_aff,
+            maps[part],
+            [],
+            [],
+            level_scales[part],
+            constants["TAPS"],
+            options.padding,
+            False,
+            device,
+        )
         partials = torch.empty(launch.pairs, dtype=torch.float32, device=device)
         scratch = torch.empty(launch.programs * 10 * _scratch_row(constants["R"]), dtype=torch.float32, device=device)
         _ssim_fwd_kernel[(launch.programs,)](
-            x_ptr=xs[part][0], y_ptr=ys[part][0],
-            xa_ptr=x_aff[0] if x_aff else partials, ya_ptr=y_aff[0] if y_aff else partials,
-            map_ptr=maps[part][0] if write_map else partials, weights_ptr=launch.weights, table_ptr=launch.table,
-            partials_ptr=partials, scratch_ptr=scratch,
-            num_levels=len(xs[part]), c1=options.c1, c2=options.c2, alpha=options.alpha, beta=options.beta,
-            gamma=options.gamma, HAS_AFFINE=bool(x_aff), WRITE_MAP=write_map, **constants,
-            **_layout_flags(xs[part], ys[part]), **launch_options("fwd"),
+            x_ptr=xs[part][0],
+            y_ptr=ys[part][0],
+            xa_ptr=x_aff[0] if x_aff else partials,
+            ya_ptr=y_aff[0] if y_aff else partials,
+            map_ptr=maps[part][0] if write_map else partials,
+            weights_ptr=launch.weights,
+            table_ptr=launch.table,
+            partials_ptr=partials,
+            scratch_ptr=scratch,
+            num_levels=len(xs[part]),
+            c1=options.c1,
+            c2=options.c2,
+            alpha=options.alpha,
+            beta=options.beta,
+            gamma=options.gamma,
+            HAS_AFFINE=bool(x_aff),
+            WRITE_MAP=write_map,
+            **constants,
+            **_layout_flags(xs[part], ys[part]),
+            **launch_options("fwd"),
         )
-        _level_sum_kernel[(len(xs[part]),)](partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales,
-                                            out_ptr=losses[part], CHUNK=256)
+        _level_sum_kernel[(len(xs[part]),)](
+            partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales, out_ptr=losses[part], CHUNK=256
+        )
     return losses, maps
 
 
-def ssim_bwd_triton(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, options, x_needs_grad,
-                    y_needs_grad):
+def ssim_bwd_triton(
+    grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, options, x_needs_grad, y_needs_grad
+):
     """Backward of ssimkd::fused_ssim_fwd_triton: (gxs, gys, g_x_affines, g_y_affines), [] where not needed."""
     _check(xs, ys)
     device = xs[0].device
@@ -1100,21 +1693,51 @@ def ssim_bwd_triton(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_
     g_x_affines, g_y_affines = [], []
     for part in _chunks(len(xs)):
         x_aff, y_aff = x_affines[part], y_affines[part]
-        launch = _launch_table(xs[part], ys[part], x_aff, y_aff, grad_maps[part], gxs[part], gys[part],
-                               level_scales[part], constants["TAPS"], options.padding, True, device)
+        launch = _launch_table(
+            xs[part],
+            ys[part],
+            x_aff,
+            y_aff,
+            grad_maps[part],
+            gxs[part],
+            gys[part],
+            level_scales[part],
+            constants["TAPS"],
+            options.padding,
+            True,
+            device,
+        )
         partials = torch.zeros(launch.pairs, 4, dtype=torch.float32, device=device)
-        scratch = torch.empty(launch.programs * (5 + num_maps) * _scratch_row(constants["R"]), dtype=torch.float32,
-                              device=device)
+        scratch = torch.empty(
+            launch.programs * (5 + num_maps) * _scratch_row(constants["R"]), dtype=torch.float32, device=device
+        )
         _ssim_bwd_kernel[(launch.programs,)](
-            x_ptr=xs[part][0], y_ptr=ys[part][0],
-            xa_ptr=x_aff[0] if has_affine else partials, ya_ptr=y_aff[0] if has_affine else partials,
+            x_ptr=xs[part][0],
+            y_ptr=ys[part][0],
+            xa_ptr=x_aff[0] if has_affine else partials,
+            ya_ptr=y_aff[0] if has_affine else partials,
             gmap_ptr=grad_maps[part][0] if grad_maps else partials,
-            gx_ptr=gxs[part][0] if gxs else xs[part][0], gy_ptr=gys[part][0] if gys else ys[part][0],
-            weights_ptr=launch.weights, table_ptr=launch.table, scales_ptr=launch.scales,
-            grad_ptr=grad_losses[part], partials_ptr=partials, scratch_ptr=scratch, num_levels=len(xs[part]),
-            c1=options.c1, c2=options.c2, alpha=options.alpha, beta=options.beta, gamma=options.gamma,
-            HAS_AFFINE=has_affine, HAS_GRAD_MAP=bool(grad_maps), NEED_X=x_needs_grad, NEED_Y=y_needs_grad,
-            **constants, **_layout_flags(xs[part], ys[part]), **launch_options("bwd"),
+            gx_ptr=gxs[part][0] if gxs else xs[part][0],
+            gy_ptr=gys[part][0] if gys else ys[part][0],
+            weights_ptr=launch.weights,
+            table_ptr=launch.table,
+            scales_ptr=launch.scales,
+            grad_ptr=grad_losses[part],
+            partials_ptr=partials,
+            scratch_ptr=scratch,
+            num_levels=len(xs[part]),
+            c1=options.c1,
+            c2=options.c2,
+            alpha=options.alpha,
+            beta=options.beta,
+            gamma=options.gamma,
+            HAS_AFFINE=has_affine,
+            HAS_GRAD_MAP=bool(grad_maps),
+            NEED_X=x_needs_grad,
+            NEED_Y=y_needs_grad,
+            **constants,
+            **_layout_flags(xs[part], ys[part]),
+            **launch_options("bwd"),
         )
         if has_affine and (x_needs_grad or y_needs_grad):
             begin = 0
