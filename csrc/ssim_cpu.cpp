@@ -1141,14 +1141,14 @@ template <typename scalar_t, int R>
 void forward_impl(const FusedArgs& a) {
   using T = AccType<scalar_t>;
   run_tiles_dispatch<scalar_t, R>(a, false);
-  // Tiles of a level in index order, accumulated in double.
+  // The second stage (ssim_params.h): tiles of a level in index order, in SecondStageSum.
   const T* partials = static_cast<const T*>(a.tile_partials);
   T* losses = static_cast<T*>(a.level_losses);
   for (int l = 0; l < a.num_levels; ++l) {
     const LevelDesc& lv = a.levels[l];
     const int64_t end = lv.tile_begin + lv.N * lv.C * lv.tiles_h * lv.tiles_w;
-    double total = 0.0;
-    for (int64_t t = lv.tile_begin; t < end; ++t) total += double(partials[t]);
+    SecondStageSum total = 0.0;
+    for (int64_t t = lv.tile_begin; t < end; ++t) total += SecondStageSum(partials[t]);
     losses[l] = T(total * lv.loss_scale);
   }
 }
@@ -1157,16 +1157,17 @@ template <typename scalar_t, int R>
 void backward_impl(const FusedArgs& a) {
   using T = AccType<scalar_t>;
   run_tiles_dispatch<scalar_t, R>(a, true);
-  // Per plane, its tiles in index order, accumulated in double; then dL/d(scale, offset).
+  // The second stage (ssim_params.h): per plane, its tiles in index order, in SecondStageSum; then
+  // dL/d(scale, offset).
   const T* partials = static_cast<const T*>(a.tile_partials);
   for (int l = 0; l < a.num_levels; ++l) {
     const LevelDesc& lv = a.levels[l];
     const int64_t per_plane = lv.tiles_h * lv.tiles_w;
     for (int64_t plane = 0; plane < lv.N * lv.C; ++plane) {
-      double s[4] = {0.0, 0.0, 0.0, 0.0};
+      SecondStageSum s[4] = {0.0, 0.0, 0.0, 0.0};
       const T* p = partials + 4 * (lv.tile_begin + plane * per_plane);
       for (int64_t t = 0; t < per_plane; ++t)
-        for (int k = 0; k < 4; ++k) s[k] += double(p[4 * t + k]);
+        for (int k = 0; k < 4; ++k) s[k] += SecondStageSum(p[4 * t + k]);
       const int64_t n = plane / lv.C, c = plane % lv.C;
       T scale, offset;
       if (lv.g_x_affine) {

@@ -402,39 +402,40 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
 // Second stage: fixed-order sums of the tile partials
 // ================================================================================================
 
-// One block per level: loss_scale * (sum of the level's tile sums).
+// One block per level: loss_scale * (sum of the level's tile sums), in SecondStageSum (ssim_params.h).
 template <typename T>
-SSIMKD_DEVICE void level_sum_block(const Thread& th, const FusedArgs& a, int level, Shared<T> scratch) {
+SSIMKD_DEVICE void level_sum_block(const Thread& th, const FusedArgs& a, int level, Shared<SecondStageSum> scratch) {
   SSIMKD_STAGE("level sum");
   const LevelDesc& lv = a.levels[level];
   const GlobalArray<const T> partials = global_array<const T>(a.tile_partials);
   const int64_t end = lv.tile_begin + lv.N * lv.C * lv.tiles_h * lv.tiles_w;
-  T sum[1] = {T(0)};
-  for (int64_t t = lv.tile_begin + th.tid; t < end; t += th.nthreads) sum[0] += partials[t];
-  T total[1];
+  SecondStageSum sum[1] = {0.0};
+  for (int64_t t = lv.tile_begin + th.tid; t < end; t += th.nthreads) sum[0] += SecondStageSum(partials[t]);
+  SecondStageSum total[1];
   block_sum(th, sum, scratch, total);
-  if (th.tid == 0) global_array<T>(a.level_losses)[level] = total[0] * T(lv.loss_scale);
+  if (th.tid == 0) global_array<T>(a.level_losses)[level] = T(total[0] * lv.loss_scale);
 }
 
-// One thread per plane of a level: its tiles' four sums in order -> d scale, d offset of x and y.
+// One thread per plane of a level: its tiles' four sums in order, in SecondStageSum (ssim_params.h)
+// -> d scale, d offset of x and y.
 template <typename T>
 SSIMKD_DEVICE void plane_sums(const FusedArgs& a, int level, int64_t plane) {
   const LevelDesc& lv = a.levels[level];
   const int64_t per_plane = lv.tiles_h * lv.tiles_w;
   const GlobalArray<const T> partials =
       global_array<const T>(a.tile_partials) + 4 * (lv.tile_begin + plane * per_plane);
-  T s[4] = {T(0), T(0), T(0), T(0)};
+  SecondStageSum s[4] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t t = 0; t < per_plane; ++t)
-    for (int k = 0; k < 4; ++k) s[k] += partials[4 * t + k];
+    for (int k = 0; k < 4; ++k) s[k] += SecondStageSum(partials[4 * t + k]);
   const int64_t n = plane / lv.C, c = plane % lv.C;
   T scale, offset;
   if (lv.g_x_affine) {
     plane_affine_at(global_array<const T>(lv.x_affine), lv.x_affine_stride, n, c, &scale, &offset);
-    affine_gradient(scale, s[0], s[1], global_array<T>(lv.g_x_affine) + 2 * plane);
+    affine_gradient(scale, T(s[0]), T(s[1]), global_array<T>(lv.g_x_affine) + 2 * plane);
   }
   if (lv.g_y_affine) {
     plane_affine_at(global_array<const T>(lv.y_affine), lv.y_affine_stride, n, c, &scale, &offset);
-    affine_gradient(scale, s[2], s[3], global_array<T>(lv.g_y_affine) + 2 * plane);
+    affine_gradient(scale, T(s[2]), T(s[3]), global_array<T>(lv.g_y_affine) + 2 * plane);
   }
 }
 

@@ -76,6 +76,14 @@ struct FusedArgs {
   void* level_losses;   // forward output: [num_levels] loss_scale * sum of m per level, acc
 };
 
+// The second stage, the same on every backend (CPU, CUDA, Triton): a level's loss is the sum of its
+// tile partials, and a plane's four affine-gradient sums the sums over its tiles, each accumulated in
+// double (SecondStageSum) and rounded once to the accumulation type: the loss after multiplying by
+// loss_scale in double, the affine gradient before affine_gradient. Order: a plane's tiles in index
+// order; a level's on the CPU in index order, on a GPU block-strided then a fixed tree (in double the
+// order moves the rounded result only on a tie).
+using SecondStageSum = double;
+
 template <typename T>
 SSIMKD_HD SsimParams<T> make_ssim_params(const FusedArgs& a) {
   SsimParams<T> p;

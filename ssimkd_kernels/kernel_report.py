@@ -105,7 +105,8 @@ _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 def _signature(fn, dtype: str, constants: dict) -> dict:
     """Triton types of a kernel's arguments, by the project's naming: x/y/gx/gy pointers carry the
-    input dtype, the table is int64, every other pointer float32; num_levels int32, other scalars fp32."""
+    input dtype, the table is int64, the level scales float64, every other pointer float32; num_levels
+    int32, other scalars fp32."""
     signature = {}
     for arg in fn.arg_names:
         if arg in constants:
@@ -114,6 +115,8 @@ def _signature(fn, dtype: str, constants: dict) -> dict:
             signature[arg] = "*" + _TRITON_TYPES[dtype]
         elif arg == "table_ptr":
             signature[arg] = "*i64"
+        elif arg == "scales_ptr":
+            signature[arg] = "*fp64"
         elif arg.endswith("_ptr"):
             signature[arg] = "*fp32"
         elif arg == "num_levels":
@@ -404,6 +407,7 @@ def level_work(
     tail body) / elements, programs from the launcher's plan (triton_kernels.level_plan). A kernel
     without row loops (the previous design) counts its whole SASS once per program."""
     from . import triton_kernels as module
+    from .reference import output_extent
 
     radius = window // 2
     total = Counter()
@@ -411,7 +415,7 @@ def level_work(
     for h, w in planes:
         halo = 2 * radius if kernel == "bwd" else radius
         plan = module.level_plan(batch * channels, w, halo)
-        rows = h - 2 * radius if padding == "valid" else h
+        rows = output_extent(h, window, padding)
         border = 0 if padding == "valid" else min(rows, 2 * radius)
         tail = (2 * radius if padding == "valid" else radius) if kernel == "bwd" else 0
         work = Counter(stats.per_program)

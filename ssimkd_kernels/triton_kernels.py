@@ -19,8 +19,9 @@ centres when a plane has several strips), and walks down all the rows of its pla
   map; interior rows (most of them) take plain offsets.
 
 Every slot's sums are reduced per (plane, strip) pair, then in a fixed order per level (loss) and per
-plane (the affine's gradient): no float atomics, so results are bitwise deterministic run to run, and
-per-plane sums come for free.
+plane (the affine's gradient), in float64 rounded once, as on every backend (csrc/ssim_params.h, "second
+stage"): no float atomics, so results are bitwise deterministic run to run, and per-plane sums come for
+free.
 
 Why this design. Static figures from bench/kernel_report.py (no GPU; sm_90, triton 3.8, float32,
 default options, SPEC's retinanet levels; per element of one input; FMA counts FFMA plus tensor-core
@@ -64,7 +65,7 @@ import triton
 import triton.language as tl
 
 from ._constants import EPS_SIGMA, MAX_LEVELS_PER_LAUNCH, PADDING_CODES
-from .reference import gaussian_window_1d, reflect_index
+from .reference import gaussian_window_1d, output_extent, reflect_index
 
 # Padding codes (the Padding enum of csrc/ssim_math.h), as the kernels' PADDING constexpr.
 REFLECT = tl.constexpr(PADDING_CODES["reflect"])
@@ -145,7 +146,9 @@ COL_GYS_W = tl.constexpr(39)
 COL_GATHER_WEIGHTS = tl.constexpr(40)  # offsets in the weights buffer: the blur along a row (W + 2r, 2r+1),
 COL_COL_WEIGHTS = tl.constexpr(41)  # its true transpose along a row (W + 2r, 2r+1),
 COL_ROW_WEIGHTS = tl.constexpr(42)  # and along a column (H + 2r, 2r+1)
-NUM_COLUMNS = tl.constexpr(43)
+COL_GXA_OFF = tl.constexpr(43)  # dL/d x's affine, contiguous (N, C, 2): offset (backward with affines)
+COL_GYA_OFF = tl.constexpr(44)  # dL/d y's affine
+NUM_COLUMNS = tl.constexpr(45)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +268,12 @@ def _lanes(table_ptr, num_levels, LANES: tl.constexpr) -> Lanes:
         n,
         plane - n * C,
     )
+
+
+@triton.jit
+def _output_extent(n, R: tl.constexpr, PADDING: tl.constexpr):
+    """Outputs along an axis of n positions (reference.output_extent): valid windows lie inside."""
+    return n - 2 * R if PADDING == VALID else n
 
 
 @triton.jit
@@ -707,11 +716,11 @@ def _ssim_fwd_kernel(
     scratch = _scratch_lanes(scratch_ptr, 10, ROW, R, LANES)
 
     offset = R if PADDING == VALID else 0
-    out_w = W - 2 * offset
+    out_w = _output_extent(W, R, PADDING)
     map_row = (
         map_ptr
         + tl.load(row + COL_MAP_OFF)
-        + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
+        + lanes.plane.to(tl.int64) * _output_extent(H, R, PADDING) * out_w
         + (lanes.load_col - offset)
         - offset * out_w
     )
@@ -1126,7 +1135,7 @@ def _ssim_bwd_kernel(
         other=0.0,
     )
     row_table = weights_ptr + tl.load(row + COL_ROW_WEIGHTS)
-    grad_scale = tl.load(grad_ptr + lanes.level).to(tl.float32) * tl.load(scales_ptr + lanes.level)
+    grad_scale = tl.load(grad_ptr + lanes.level).to(tl.float32) * tl.load(scales_ptr + lanes.level).to(tl.float32)
     p0 = R if PADDING == VALID else 0
     p_end = H - R if PADDING == VALID else H
     centre_col = lanes.active
@@ -1139,11 +1148,11 @@ def _ssim_bwd_kernel(
     scratch = _scratch_lanes(scratch_ptr, 5 + NUM_MAPS, ROW, R, LANES)
 
     offset = R if PADDING == VALID else 0
-    out_w = W - 2 * offset
+    out_w = _output_extent(W, R, PADDING)
     gmap_row = (
         gmap_ptr
         + tl.load(row + COL_MAP_OFF)
-        + lanes.plane.to(tl.int64) * (H - 2 * offset) * out_w
+        + lanes.plane.to(tl.int64) * _output_extent(H, R, PADDING) * out_w
         + (lanes.load_col - offset)
         - offset * out_w
     )
@@ -1352,16 +1361,73 @@ def _ssim_bwd_kernel(
 
 @triton.jit
 def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.constexpr):
-    # One program per level: level_scale * (sum of its pairs' sums of m), in pair order.
+    # One program per level: level_scale * (sum of its pairs' sums of m), accumulated in float64 and
+    # rounded once (the second stage every backend shares: csrc/ssim_params.h).
     level = tl.program_id(0)
     row = table_ptr + level * NUM_COLUMNS
     begin = tl.load(row + COL_PAIR_BEGIN)
     count = tl.load(row + COL_PAIRS)
-    total = 0.0
+    total = tl.zeros((), dtype=tl.float64)
     for start in range(0, count, CHUNK):
         k = start + tl.arange(0, CHUNK)
-        total += tl.sum(tl.load(partials_ptr + begin + k, mask=k < count, other=0.0), axis=0)
-    tl.store(out_ptr + level, total * tl.load(scales_ptr + level))
+        total += tl.sum(tl.load(partials_ptr + begin + k, mask=k < count, other=0.0).to(tl.float64), axis=0)
+    tl.store(out_ptr + level, (total * tl.load(scales_ptr + level)).to(tl.float32))
+
+
+@triton.jit
+def _plane_affine_grad(
+    sum_centred, sum_g, aff_ptr, row, plane, holds, C, OFF: tl.constexpr, S_N: tl.constexpr, S_C: tl.constexpr, out_ptr
+):
+    """dL/d(scale, offset) of each plane from its two float64 sums, sum dL/dx-hat (x - offset) and
+    sum dL/dx-hat: (the first, -scale * the second) in float32 (csrc/ssim_params.h, affine_gradient)."""
+    n = plane // C
+    scale = tl.load(
+        aff_ptr + tl.load(row + OFF) + n * tl.load(row + S_N) + (plane - n * C) * tl.load(row + S_C),
+        mask=holds,
+        other=0.0,
+    )
+    tl.store(out_ptr, sum_centred.to(tl.float32), mask=holds)
+    tl.store(out_ptr + 1, -scale * sum_g.to(tl.float32), mask=holds)
+
+
+@triton.jit
+def _plane_sums_kernel(
+    partials_ptr,
+    table_ptr,
+    xa_ptr,
+    ya_ptr,
+    gxa_ptr,
+    gya_ptr,
+    NEED_X: tl.constexpr,
+    NEED_Y: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Programs (level, block of BLOCK planes): each plane's four sums over its strips in strip order,
+    # accumulated in float64 and rounded once, then the affine's gradient (the shared second stage).
+    level = tl.program_id(0)
+    row = table_ptr + level * NUM_COLUMNS
+    strips = tl.load(row + COL_STRIPS)
+    planes = tl.load(row + COL_PAIRS) // strips
+    plane = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    holds = plane < planes
+    first = partials_ptr + 4 * (tl.load(row + COL_PAIR_BEGIN) + plane * strips)
+    s0 = tl.zeros((BLOCK,), dtype=tl.float64)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float64)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float64)
+    s3 = tl.zeros((BLOCK,), dtype=tl.float64)
+    for strip in range(0, strips):
+        p = first + 4 * strip
+        s0 += tl.load(p, mask=holds, other=0.0).to(tl.float64)
+        s1 += tl.load(p + 1, mask=holds, other=0.0).to(tl.float64)
+        s2 += tl.load(p + 2, mask=holds, other=0.0).to(tl.float64)
+        s3 += tl.load(p + 3, mask=holds, other=0.0).to(tl.float64)
+    c = tl.load(row + COL_C)
+    if NEED_X:
+        out = gxa_ptr + tl.load(row + COL_GXA_OFF) + 2 * plane
+        _plane_affine_grad(s0, s1, xa_ptr, row, plane, holds, c, COL_XA_OFF, COL_XA_N, COL_XA_C, out)
+    if NEED_Y:
+        out = gya_ptr + tl.load(row + COL_GYA_OFF) + 2 * plane
+        _plane_affine_grad(s2, s3, ya_ptr, row, plane, holds, c, COL_YA_OFF, COL_YA_N, COL_YA_C, out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1479,7 +1545,7 @@ class Launch(NamedTuple):
     """One launch's level table and what the launchers need besides it."""
 
     table: torch.Tensor  # int64 [levels, NUM_COLUMNS]
-    scales: torch.Tensor  # float32 [levels]
+    scales: torch.Tensor  # float64 [levels] (as C++'s loss_scale)
     weights: torch.Tensor  # float32: every level's blur_weights (table columns *_WEIGHTS)
     plans: list  # LevelPlan per level
     programs: int
@@ -1487,7 +1553,20 @@ class Launch(NamedTuple):
 
 
 def _launch_table(
-    xs, ys, x_affines, y_affines, maps, gxs, gys, level_scales, taps, padding, backward: bool, device
+    xs,
+    ys,
+    x_affines,
+    y_affines,
+    maps,
+    gxs,
+    gys,
+    level_scales,
+    taps,
+    padding,
+    backward: bool,
+    device,
+    g_x_affines=(),
+    g_y_affines=(),
 ) -> Launch:
     """The level table of one launch (at most MAX_LEVELS levels), cached by layout: the same layouts in
     a training loop skip the host-to-device copies; a miss copies from pinned memory, asynchronously."""
@@ -1514,6 +1593,10 @@ def _launch_table(
             row[COL_YA_N], row[COL_YA_C], row[COL_YA_K] = y_affines[l].stride()
         if maps:
             row[COL_MAP_OFF] = _offset(maps[l], maps[0])
+        if g_x_affines:
+            row[COL_GXA_OFF] = _offset(g_x_affines[l], g_x_affines[0])
+        if g_y_affines:
+            row[COL_GYA_OFF] = _offset(g_y_affines[l], g_y_affines[0])
         if gxs:
             row[COL_GX_OFF] = _offset(gxs[l], gxs[0])
             row[COL_GXS_N], row[COL_GXS_C], row[COL_GXS_H], row[COL_GXS_W] = gxs[l].stride()
@@ -1535,7 +1618,7 @@ def _launch_table(
         key,
         lambda: (
             _to_device(torch.tensor(rows, dtype=torch.int64), device),
-            _to_device(torch.tensor(level_scales, dtype=torch.float32), device),
+            _to_device(torch.tensor(level_scales, dtype=torch.float64), device),
         ),
     )
 
@@ -1614,15 +1697,13 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
     """Forward of ssimkd::fused_ssim_fwd_triton: (level_losses [L] float32, SSIM maps or [])."""
     _check(xs, ys)
     device = xs[0].device
-    radius = options.window_size // 2
-    offset = radius if options.padding == PADDING_CODES["valid"] else 0
     maps = (
         [
             torch.empty(
                 x.shape[0],
                 x.shape[1],
-                x.shape[2] - 2 * offset,
-                x.shape[3] - 2 * offset,
+                output_extent(x.shape[2], options.window_size, options.padding),
+                output_extent(x.shape[3], options.window_size, options.padding),
                 dtype=torch.float32,
                 device=device,
             )
@@ -1679,6 +1760,24 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
     return losses, maps
 
 
+def _plane_sums(launch: Launch, partials, xs, x_aff, y_aff, g_x_aff, g_y_aff):
+    """The backward's second stage: dL/d(scale, offset) of every plane of every level of a launch into
+    g_x_aff / g_y_aff (one (N, C, 2) tensor per level, or [] where not needed), in one launch."""
+    block = 128
+    most_planes = max(x.shape[0] * x.shape[1] for x in xs)
+    _plane_sums_kernel[(len(xs), triton.cdiv(most_planes, block))](
+        partials_ptr=partials,
+        table_ptr=launch.table,
+        xa_ptr=x_aff[0],
+        ya_ptr=y_aff[0],
+        gxa_ptr=g_x_aff[0] if g_x_aff else partials,
+        gya_ptr=g_y_aff[0] if g_y_aff else partials,
+        NEED_X=bool(g_x_aff),
+        NEED_Y=bool(g_y_aff),
+        BLOCK=block,
+    )
+
+
 def ssim_bwd_triton(
     grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, options, x_needs_grad, y_needs_grad
 ):
@@ -1693,6 +1792,17 @@ def ssim_bwd_triton(
     g_x_affines, g_y_affines = [], []
     for part in _chunks(len(xs)):
         x_aff, y_aff = x_affines[part], y_affines[part]
+        # dL/d(scale, offset) per plane, written by the second stage
+        g_x_aff = (
+            [x.new_empty(x.shape[0], x.shape[1], 2, dtype=torch.float32) for x in xs[part]]
+            if has_affine and x_needs_grad
+            else []
+        )
+        g_y_aff = (
+            [y.new_empty(y.shape[0], y.shape[1], 2, dtype=torch.float32) for y in ys[part]]
+            if has_affine and y_needs_grad
+            else []
+        )
         launch = _launch_table(
             xs[part],
             ys[part],
@@ -1706,6 +1816,8 @@ def ssim_bwd_triton(
             options.padding,
             True,
             device,
+            g_x_aff,
+            g_y_aff,
         )
         partials = torch.zeros(launch.pairs, 4, dtype=torch.float32, device=device)
         scratch = torch.empty(
@@ -1739,17 +1851,8 @@ def ssim_bwd_triton(
             **_layout_flags(xs[part], ys[part]),
             **launch_options("bwd"),
         )
-        if has_affine and (x_needs_grad or y_needs_grad):
-            begin = 0
-            for l, x in enumerate(xs[part]):
-                strips = launch.plans[l].strips
-                count = x.shape[0] * x.shape[1] * strips
-                # per plane: the sums of its strips, in order
-                block = partials[begin : begin + count].view(x.shape[0], x.shape[1], strips, 4).sum(dim=2)
-                # dL/d(scale, offset) = (sum dL/dx-hat (x - offset), -scale sum dL/dx-hat)
-                if x_needs_grad:
-                    g_x_affines.append(torch.stack([block[..., 0], -x_aff[l][..., 0] * block[..., 1]], dim=-1))
-                if y_needs_grad:
-                    g_y_affines.append(torch.stack([block[..., 2], -y_aff[l][..., 0] * block[..., 3]], dim=-1))
-                begin += count
+        if g_x_aff or g_y_aff:
+            _plane_sums(launch, partials, xs[part], x_aff, y_aff, g_x_aff, g_y_aff)
+        g_x_affines += g_x_aff
+        g_y_affines += g_y_aff
     return gxs, gys, g_x_affines, g_y_affines
