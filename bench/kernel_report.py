@@ -180,6 +180,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--default", action="store_true", help="only the default forward and backward")
     parser.add_argument("--workload", default="retinanet", choices=sorted(WORKLOADS))
     parser.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON result")
+    parser.add_argument("--json", metavar="PATH", help="write the JSON to this file (instead of --out's dated name)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     workload = WORKLOADS[args.workload]
@@ -219,9 +220,8 @@ def main(argv=None) -> dict:
         date = _dt.date.today().isoformat()
         env = result["environment"]
         tag = "".join(c if c.isalnum() else "-" for c in f"{env['machine']}-triton-{env['triton']}").strip("-")[:60]
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"kernel-report-{tag}-{date}.json"
+        path = Path(args.json) if args.json else Path(args.out) / f"kernel-report-{tag}-{date}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {path}")
     return result

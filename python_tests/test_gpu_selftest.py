@@ -110,6 +110,35 @@ def test_summary_of_a_cut_run_passes_nothing_it_did_not_measure(tmp_path):
     assert "racecheck" in targets["compute-sanitizer memcheck, racecheck, initcheck, synccheck: 0 errors"]["reason"]
 
 
+@pytest.mark.parametrize(
+    "dry_run, gpu_kernels, arch_list, cuda_available, expected",
+    [
+        (True, True, "9.0", False, True),  # a dry run: CUDA kernels for sm_90 compiled in is enough
+        (True, True, "8.0;9.0+PTX", False, True),
+        (True, False, "", False, False),  # built without CUDA kernels
+        (True, True, "8.0", False, False),  # not for sm_90
+        (False, True, "9.0", True, True),  # on the GPU the cuda backend must be available
+        (False, True, "9.0", False, False),  # listed by `ssimkd info` but unavailable: not a pass
+    ],
+)
+def test_build_target_reads_ssimkd_info(tmp_path, dry_run, gpu_kernels, arch_list, cuda_available, expected):
+    work = tmp_path / "work"
+    _write(
+        work / "steps.jsonl",
+        json.dumps({"step": "build.extension", "status": "ok", "rc": 0, "seconds": 1.0, "budget_s": 240, "note": ""})
+        + "\n",
+    )
+    info = {  # the shape of `ssimkd info --json`
+        "backends": {"cpu": {"available": True, "reason": None}, "cuda": {"available": cuda_available, "reason": None}},
+        "extension": {"gpu_kernels": gpu_kernels, "built_for": {"cuda_arch_list": arch_list}},
+    }
+    _write(work / "details" / "info.json", info)
+    summary.main(["--work", str(work), "--results", str(tmp_path / "results")] + (["--dry-run"] if dry_run else []))
+    targets = json.loads((tmp_path / "results" / "selftest-summary.json").read_text())["targets"]
+    build = next(t for t in targets if t["target"].startswith("build:"))
+    assert build["pass"] is expected
+
+
 needs_cpu_op = pytest.mark.skipif(not backend_available("cpu"), reason="needs the C++ extension's cpu backend")
 
 

@@ -230,7 +230,7 @@ start_kernel_report() {  # the static report (issue 14's bench/kernel_report.py)
     fi
     local limit=$1
     echo "static kernel report: bench/kernel_report.py --json (limit ${limit} s)"
-    ( timeout -k 5 "$limit" nice -n 10 "$PY" bench/kernel_report.py --json "$DETAILS/kernel-report.json" \
+    ( timeout -k 5 "$limit" nice -n 10 "$PY" bench/kernel_report.py --arch 90 --json "$DETAILS/kernel-report.json" \
         > "$DETAILS/kernel-report.log" 2>&1; echo $? > "$WORK/kernel-report.rc" ) &
     REPORT_PID=$!
 }

@@ -318,8 +318,14 @@ def main(argv=None) -> int:
     targets = bench_targets(results) + [sanitizer_target] + check_targets(details) + [test_result(details, steps)]
     build = next((s for s in steps if s["step"] == "build.extension"), None)
     info = _load(details / "info.json") or {}
-    # Without a GPU (a dry run) the build must still have compiled the CUDA kernels in.
-    loads = info.get("cuda_compiled") is True if args.dry_run else "cuda" in info.get("backends", [])
+    # `ssimkd info --json`: without a GPU (a dry run) the build must still have compiled CUDA kernels for
+    # sm_90 in; on the GPU the cuda backend must be available.
+    extension = info.get("extension") or {}
+    arch_list = str((extension.get("built_for") or {}).get("cuda_arch_list", ""))
+    if args.dry_run:
+        loads = extension.get("gpu_kernels") is True and "9.0" in arch_list.replace("+PTX", "").split(";")
+    else:
+        loads = ((info.get("backends") or {}).get("cuda") or {}).get("available") is True
     targets.insert(
         0,
         {
