@@ -45,3 +45,21 @@ def test_multiply_adds_per_element_within_3x_of_the_separable_blur(compiled, tea
     bwd = compiled[kr.KernelConfig("bwd", teacher_grad=teacher_grad)]
     per_element = sum(kr.fma_per_element(s.per_row, s.mma_macs_per_row) for s in (fwd, bwd))
     assert 0 < per_element <= 3 * SEPARABLE_FMA_PER_ELEMENT, f"{per_element:.0f} FMA per element forward+backward"
+
+
+def test_cuda_extension_resources_are_read_from_the_built_library():
+    """The report's CUDA side: every kernel of the built extension with its registers and stack, per
+    architecture (cuobjdump of the library the lazy loader finds; never a build)."""
+    from ssimkd_kernels import _extension
+
+    extension = _extension.load(build=False)
+    if extension is None or not extension.gpu_kernels:
+        assert isinstance(kr.extension_resources(), str)  # a sentence saying why there are none
+        pytest.skip("the extension here has no CUDA kernels")
+    if not Path(kr.cuda_tool("cuobjdump")).exists():
+        pytest.skip("this triton wheel ships no cuobjdump")
+    kernels = kr.extension_resources()
+    assert isinstance(kernels, list), kernels
+    names = {k["function"] for k in kernels}
+    assert any("ssim_fwd_kernel" in n for n in names) and any("level_sum_kernel" in n for n in names), names
+    assert all(k["registers"] > 0 and k["stack_bytes"] >= 0 for k in kernels)

@@ -469,13 +469,14 @@ def throughput_bound(
 def extension_resources() -> list[dict] | str:
     """Registers, stack and shared memory of every kernel in the built extension's cubins, per
     architecture (cuobjdump --dump-resource-usage of the _C library); a sentence when there are none."""
-    from . import ops
+    from . import _extension
 
-    if ops._C is None:
-        return f"the C++ extension is not built ({ops.EXTENSION_ERROR})"
-    if not ops.CUDA_COMPILED:
+    extension = _extension.load(build=False)  # a report never starts a build
+    if extension is None:
+        return f"the C++ extension is not built ({_extension.reason()})"
+    if not extension.gpu_kernels:
         return "not built with CUDA"
-    library = ops._C.__file__
+    library = str(extension.path)
     result = subprocess.run([cuda_tool("cuobjdump"), "--dump-resource-usage", library], capture_output=True, text=True)
     kernels, arch = [], None
     for line in result.stdout.splitlines():
