@@ -7,18 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from utils import TINY_DATA_AND_MODEL
 
 from ssimkd_kernels.cli import build_parser, main
 
-TINY = [
-    "data.synthetic.image_size=64",
-    "data.synthetic.num_train=8",
-    "data.synthetic.num_val=4",
-    "data.synthetic.max_objects=3",
-    "data.min_size=64",
-    "data.max_size=86",
-    "model.fpn_channels=16",
-    "model.anchor_sizes=[8, 16, 32, 64, 128]",
+TINY = TINY_DATA_AND_MODEL + [
     "train.batch_size=2",
     "train.steps=2",
     "train.progress=false",

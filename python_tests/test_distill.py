@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import TINY_DATA_AND_MODEL
 
 import ssimkd_kernels as sk
 from ssimkd_kernels.distill import config as cfg
@@ -26,16 +27,7 @@ from ssimkd_kernels.distill.train import lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A dataset and detectors small enough for a training step in well under a second.
-TINY = [
-    "data.synthetic.image_size=64",
-    "data.synthetic.num_train=8",
-    "data.synthetic.num_val=4",
-    "data.synthetic.max_objects=3",
-    "data.min_size=64",
-    "data.max_size=86",
-    "model.fpn_channels=16",
-    "model.anchor_sizes=[8, 16, 32, 64, 128]",
+TINY = TINY_DATA_AND_MODEL + [
     "model.rpn_pre_nms_top_n_train=200",
     "model.rpn_post_nms_top_n_train=100",
     "model.box_batch_size_per_image=64",

@@ -78,30 +78,31 @@ def _build(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
+def _bench_script(name: str, command: str):
+    """The module bench/<name>.py of a source checkout (None, said on stderr, outside one)."""
+    import importlib
     from pathlib import Path
 
     bench_dir = Path(__file__).resolve().parents[1] / "bench"
-    if not (bench_dir / "bench_ssim.py").exists():
-        print("ssimkd bench needs the bench/ folder of a source checkout", file=sys.stderr)
-        return 2
+    if not (bench_dir / f"{name}.py").exists():
+        print(f"ssimkd {command} needs the bench/ folder of a source checkout", file=sys.stderr)
+        return None
     sys.path.insert(0, str(bench_dir))
-    import bench_ssim
+    return importlib.import_module(name)
 
+
+def _bench(args) -> int:
+    bench_ssim = _bench_script("bench_ssim", "bench")
+    if bench_ssim is None:
+        return 2
     bench_ssim.main(args.bench_args)
     return 0
 
 
 def _kernels(args) -> int:
-    from pathlib import Path
-
-    bench_dir = Path(__file__).resolve().parents[1] / "bench"
-    if not (bench_dir / "kernel_report.py").exists():
-        print("ssimkd kernels needs the bench/ folder of a source checkout", file=sys.stderr)
+    kernel_report = _bench_script("kernel_report", "kernels")
+    if kernel_report is None:
         return 2
-    sys.path.insert(0, str(bench_dir))
-    import kernel_report
-
     argv = ["--arch", args.arch] + (["--default"] if args.default else []) + (["--no-save"] if args.no_save else [])
     result = kernel_report.main(argv)
     return 1 if result["local_memory"] else 0
