@@ -79,9 +79,10 @@ struct FusedArgs {
 // The second stage, the same on every backend (CPU, CUDA, Triton): a level's loss is the sum of its
 // tile partials, and a plane's four affine-gradient sums the sums over its tiles, each accumulated in
 // double (SecondStageSum) and rounded once to the accumulation type: the loss after multiplying by
-// loss_scale in double, the affine gradient before affine_gradient. Order: a plane's tiles in index
-// order; a level's on the CPU in index order, on a GPU block-strided then a fixed tree (in double the
-// order moves the rounded result only on a tie).
+// loss_scale in double, the affine gradient before affine_gradient. Order, fixed per backend: a
+// plane's tiles in index order; a level's on the CPU in index order, with CUDA block-strided then a
+// tree, with Triton by chunks of 256 (tl.sum) added in order. In double the order can change the
+// rounded result only when a sum lies within double rounding error of a rounding boundary.
 using SecondStageSum = double;
 
 template <typename T>
