@@ -160,17 +160,16 @@ def _demo(args) -> int:
     return _run(lambda: run_demo(args.preset, args.out, args.overrides, progress=not args.no_progress))
 
 
+def _add_overrides(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """--set SECTION.FIELD=VALUE ... into args.overrides (repeatable)."""
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE", help=help_text
+    )
+
+
 def _add_config_options(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", help=config_help)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override config fields, e.g. --set train.lr=0.01 kd.mode=ssim",
-    )
+    _add_overrides(parser, "override config fields, e.g. --set train.lr=0.01 kd.mode=ssim")
 
 
 def _add_distill_commands(sub) -> None:
@@ -184,7 +183,7 @@ def _add_distill_commands(sub) -> None:
     demo.add_argument(
         "--out", default="runs/demo", help="output folder (results.json, results.png, one folder per run)"
     )
-    demo.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE")
+    _add_overrides(demo)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train a detector, optionally distilled (torchrun for DDP)")
@@ -200,15 +199,7 @@ def _add_distill_commands(sub) -> None:
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("eval", help="COCO mAP of a trained detector on its config's val split")
     evaluate.add_argument("--checkpoint", required=True, help="model.pt or checkpoint.pt of a train run")
-    evaluate.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override the saved config, e.g. data.val_annotations=... eval.max_images=100",
-    )
+    _add_overrides(evaluate, "override the saved config, e.g. data.val_annotations=... eval.max_images=100")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument("--json-out", help="also write the metrics to this file")
     evaluate.set_defaults(func=_eval)
