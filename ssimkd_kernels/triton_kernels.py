@@ -1591,6 +1591,11 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
     return losses, maps
 
 
+def _affine_gradient_outputs(tensors, needed: bool) -> list:
+    """dL/d(scale, offset) per plane of each level, (N, C, 2) float32, written by the second stage."""
+    return [t.new_empty(t.shape[0], t.shape[1], 2, dtype=torch.float32) for t in tensors] if needed else []
+
+
 def _plane_sums(launch: Launch, partials, xs, x_aff, y_aff, g_x_aff, g_y_aff):
     """The backward's second stage: dL/d(scale, offset) of every plane of every level of a launch into
     g_x_aff / g_y_aff (one (N, C, 2) tensor per level, or [] where not needed), in one launch."""
@@ -1623,17 +1628,8 @@ def ssim_bwd_triton(
     g_x_affines, g_y_affines = [], []
     for part in _chunks(len(xs)):
         x_aff, y_aff = x_affines[part], y_affines[part]
-        # dL/d(scale, offset) per plane, written by the second stage
-        g_x_aff = (
-            [x.new_empty(x.shape[0], x.shape[1], 2, dtype=torch.float32) for x in xs[part]]
-            if has_affine and x_needs_grad
-            else []
-        )
-        g_y_aff = (
-            [y.new_empty(y.shape[0], y.shape[1], 2, dtype=torch.float32) for y in ys[part]]
-            if has_affine and y_needs_grad
-            else []
-        )
+        g_x_aff = _affine_gradient_outputs(xs[part], has_affine and x_needs_grad)
+        g_y_aff = _affine_gradient_outputs(ys[part], has_affine and y_needs_grad)
         launch = _launch_table(
             xs[part],
             ys[part],
