@@ -37,7 +37,8 @@ MACs one for one; SPEC's direct separable blur needs ~290 per element fwd+bwd):
 (FMA for tf32x3 is its MMA MACs, 3 products each, plus FFMA; est. us: bench/kernel_report.py's
 estimated lower bound for SPEC's retinanet workload on an H100 SXM, not a measurement; SPEC's floor
 is ~99 us. The backward is the student-gradient one; with the teacher gradient too: 255 registers,
-no spills on sm_90, 300 FMA per element; window 15 with it spills 8 bytes on sm_80.) The "horizontal
+no spills, 300 FMA per element; every configuration of the report, window 15 with both gradients
+included, compiles without local memory on sm_80 and sm_90.) The "horizontal
 first" variant pushes the five horizontally blurred rows into tuple rings of 2r+1 registers and
 needs no scratch row nor barrier in the forward; its forward issues 0.58x the instructions of this
 one, but its backward (coefficient rows through the scratch, a second ring for the transposed
@@ -781,16 +782,20 @@ def _ssim_fwd_kernel(
 
 
 @triton.jit
-def _slide_transposed(pendings, rows, row_table, u0, H, TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr):
+def _slide_transposed(
+    pendings, rows, row_table, u0, TAPS: tl.constexpr, R: tl.constexpr, PADDING: tl.constexpr, BORDER: tl.constexpr
+):
     """The transposed vertical pass as sliding sums, for a tuple of maps: pendings[m] holds the open sums
     of gradient rows u0 .. u0 + 2r - 1 (oldest first) before the transposed row rows[m] of centre row
-    p = u0 + r arrives; row u takes it with weight M_h(u, p). That is the tap g[p - u + r] except near a
-    reflect border, where the weights come from the level's table (row_table[(u + r)(2r+2) + p - u + r],
-    padded by r zero rows). Returns (the completed rows u0, the new open sums); each open sum moves one
-    place as it is updated, so the slide costs FMAs, no register moves."""
+    p = u0 + r arrives; row u takes it with weight M_h(u, p). That is the tap g[p - u + r] unless centre
+    row p's window crosses a reflect border (BORDER: the border-row loops), where the weights come from
+    the level's table (row_table[(u + r)(2r+2) + p - u + r], padded by r zero rows). Interior rows take
+    the taps as immediates: no weight registers live across the row loop (with them, window 15 and both
+    gradients spilled on sm_80). Returns (the completed rows u0, the new open sums); each open sum moves
+    one place as it is updated, so the slide costs FMAs, no register moves."""
     K: tl.constexpr = 2 * R + 1
     # weights[j]: of gradient row u0 + j
-    if PADDING == REFLECT and ((u0 <= R) | (u0 + 3 * R >= H - 1)):
+    if PADDING == REFLECT and BORDER:
         weights = ()
         for j in tl.static_range(K):
             weights = weights + (tl.load(row_table + (u0 + R + j) * (K + 1) + 2 * R - j),)
@@ -959,7 +964,7 @@ def _backward_row(
     # then the transposed vertical pass completes gradient row u0 = p - r
     rows = _shifted_sums(coefficients, transpose, NUM_MAPS, R, KP, ROW)
     u0 = p - R
-    done, transposed = _slide_transposed(transposed, rows, row_table, u0, H, TAPS, R, PADDING)
+    done, transposed = _slide_transposed(transposed, rows, row_table, u0, TAPS, R, PADDING, BORDER)
     sums_x, sums_y = _gradient_rows(
         u0,
         x_col,
@@ -1151,7 +1156,8 @@ def _ssim_bwd_kernel(
     # ---- past the last centre row: the open sums complete without new terms
     for p in range(p_end, H + R):
         u0 = p - R
-        done, transposed = _slide_transposed(transposed, (zero,) * NUM_MAPS, row_table, u0, H, TAPS, R, PADDING)
+        # the rows are zeros: any finite weights do
+        done, transposed = _slide_transposed(transposed, (zero,) * NUM_MAPS, row_table, u0, TAPS, R, PADDING, False)
         sums_x, sums_y = _gradient_rows(
             u0,
             x_col,
