@@ -36,7 +36,8 @@ namespace {
   X(double, alpha, "float")      \
   X(double, beta, "float")       \
   X(double, gamma, "float")      \
-  X(bool, clamp, "bool")
+  X(bool, clamp, "bool")         \
+  X(bool, plane_sums, "bool")
 
 // Expansions: ", int64_t window_size, double sigma, ..." (parameters); ", window_size, sigma, ..."
 // (arguments); ", o.window_size, o.sigma, ..." (an Options o's fields as arguments); ", int64_t, double,
@@ -73,8 +74,12 @@ at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+int64_t output_size(int64_t n, const Options& o) {
+  return output_extent(n, int(o.window_size / 2), int(o.padding));
+}
+
 void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
-                  const Options& o) {
+                  at::TensorList weights, at::ArrayRef<double> level_exponents, const Options& o) {
   TORCH_CHECK(!xs.empty(), "ssimkd: at least one level is required");
   TORCH_CHECK(xs.size() == ys.size(), "ssimkd: ", xs.size(), " student levels vs ", ys.size(), " teacher levels");
   TORCH_CHECK(o.window_size % 2 == 1 && o.window_size >= kMinWindow && o.window_size <= kMaxWindow,
@@ -111,6 +116,29 @@ void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines
                   af.scalar_type());
     }
   }
+  TORCH_CHECK(level_exponents.empty() || level_exponents.size() == 3 * xs.size(),
+              "ssimkd: level_exponents must be empty or (alpha, beta, gamma) per level: ", 3 * xs.size(),
+              " values, got ", level_exponents.size());
+  TORCH_CHECK(weights.empty() || weights.size() == xs.size(), "ssimkd: weights must be empty or one per level, got ",
+              weights.size(), " for ", xs.size(), " levels");
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const auto& w = weights[l];
+    const auto& x = xs[l];
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == x.size(0) && w.size(1) == x.size(1) &&
+                    w.size(2) == output_size(x.size(2), o) && w.size(3) == output_size(x.size(3), o) &&
+                    w.scalar_type() == acc && w.device() == x.device(),
+                "ssimkd: level ", l, ": weights must be an ", acc, " tensor of the SSIM map's shape (", x.size(0), ", ",
+                x.size(1), ", ", output_size(x.size(2), o), ", ", output_size(x.size(3), o), "), any strides, got ",
+                w.sizes(), " ", w.scalar_type());
+  }
+}
+
+// Where each level's losses start in level_losses, and their count at the end: one per level, or one
+// per plane (n, c) of each level with plane_sums.
+std::vector<int64_t> loss_offsets(at::TensorList xs, const Options& o) {
+  std::vector<int64_t> offsets{0};
+  for (const auto& x : xs) offsets.push_back(offsets.back() + (o.plane_sums ? x.size(0) * x.size(1) : 1));
+  return offsets;
 }
 
 void copy_strides(const at::Tensor& t, int64_t* out) {
@@ -123,7 +151,8 @@ void* ptr_or_null(const std::vector<at::Tensor>& v, size_t i) {
 
 // Fill the launch-wide fields and the tile geometry of levels [begin, end).
 FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
-                    const Options& o, size_t begin, size_t end, TileShape tile) {
+                    at::TensorList weights, at::ArrayRef<double> level_exponents, const Options& o, size_t begin,
+                    size_t end, TileShape tile) {
   FusedArgs a{};
   a.num_levels = int(end - begin);
   a.dtype = to_dtype(xs[0].scalar_type());
@@ -135,10 +164,9 @@ FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affin
   gaussian_taps(a.window, o.sigma, a.taps);
   a.c1 = o.c1;
   a.c2 = o.c2;
-  a.alpha = o.alpha;
-  a.beta = o.beta;
-  a.gamma = o.gamma;
   a.clamp = o.clamp;
+  a.plane_sums = o.plane_sums;
+  const std::vector<int64_t> offsets = loss_offsets(xs, o);
   int64_t tiles = 0;
   for (size_t l = begin; l < end; ++l) {
     LevelDesc& lv = a.levels[l - begin];
@@ -155,6 +183,10 @@ FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affin
       lv.y_affine = y_affines[l].data_ptr();
       for (int d = 0; d < 3; ++d) lv.y_affine_stride[d] = y_affines[l].stride(d);
     }
+    if (!weights.empty()) {
+      lv.weight = weights[l].data_ptr();
+      copy_strides(weights[l], lv.weight_stride);
+    }
     lv.N = x.size(0);
     lv.C = x.size(1);
     lv.H = x.size(2);
@@ -163,6 +195,11 @@ FusedArgs make_args(at::TensorList xs, at::TensorList ys, at::TensorList x_affin
     lv.tiles_w = (lv.W + tile.w - 1) / tile.w;
     lv.tile_begin = tiles;
     tiles += lv.N * lv.C * lv.tiles_h * lv.tiles_w;
+    lv.loss_begin = offsets[l] - offsets[begin];  // within the launch's part of level_losses
+    const bool own = !level_exponents.empty();    // else every level takes the options' exponents
+    lv.alpha = own ? level_exponents[3 * l] : o.alpha;
+    lv.beta = own ? level_exponents[3 * l + 1] : o.beta;
+    lv.gamma = own ? level_exponents[3 * l + 2] : o.gamma;
   }
   a.total_tiles = tiles;
   return a;
@@ -201,15 +238,16 @@ TensorExtent extent_of(const at::Tensor& t, const char* role, int64_t level = -1
   return e;
 }
 
-// The inputs of levels [begin, end): x, y and their affines.
+// The inputs of levels [begin, end): x, y, their affines and the weights of m.
 std::vector<TensorExtent> input_extents(at::TensorList xs, at::TensorList ys, at::TensorList x_affines,
-                                        at::TensorList y_affines, size_t begin, size_t end) {
+                                        at::TensorList y_affines, at::TensorList weights, size_t begin, size_t end) {
   std::vector<TensorExtent> out;
   for (size_t l = begin; l < end; ++l) {
     out.push_back(extent_of(xs[l], "x", int64_t(l)));
     out.push_back(extent_of(ys[l], "y", int64_t(l)));
     if (!x_affines.empty()) out.push_back(extent_of(x_affines[l], "x_affine", int64_t(l)));
     if (!y_affines.empty()) out.push_back(extent_of(y_affines[l], "y_affine", int64_t(l)));
+    if (!weights.empty()) out.push_back(extent_of(weights[l], "weight", int64_t(l)));
   }
   return out;
 }
@@ -225,19 +263,18 @@ void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
   backward ? ssim_bwd_cpu(args) : ssim_fwd_cpu(args);
 }
 
-int64_t output_size(int64_t n, const Options& o) {
-  return output_extent(n, int(o.window_size / 2), int(o.padding));
-}
-
 template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
-    at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
-    at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool write_map) {
+    at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines, at::TensorList weights,
+    at::ArrayRef<double> level_scales, at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
+    bool write_map) {
   const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_INIT)};
-  check_inputs(xs, ys, x_affines, y_affines, o);
+  check_inputs(xs, ys, x_affines, y_affines, weights, level_exponents, o);
+  TORCH_CHECK(level_scales.size() == xs.size(), "ssimkd: one level scale per level is required");
   const c10::OptionalDeviceGuard guard(xs[0].device());
   const auto acc_opts = xs[0].options().dtype(accumulation_type(xs[0].scalar_type()));
-  at::Tensor losses = at::zeros({int64_t(xs.size())}, acc_opts);
+  const std::vector<int64_t> offsets = loss_offsets(xs, o);
+  at::Tensor losses = at::zeros({offsets.back()}, acc_opts);
   std::vector<at::Tensor> maps;
   if (write_map) {
     for (const auto& x : xs)
@@ -246,19 +283,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
   const TileShape tile = tile_shape(xs[0], target, false);
   for (size_t begin = 0; begin < xs.size(); begin += kMaxLevelsPerLaunch) {
     const size_t end = std::min(xs.size(), begin + kMaxLevelsPerLaunch);
-    FusedArgs args = make_args(xs, ys, x_affines, y_affines, o, begin, end, tile);
+    FusedArgs args = make_args(xs, ys, x_affines, y_affines, weights, level_exponents, o, begin, end, tile);
     for (size_t l = begin; l < end; ++l) {
       args.levels[l - begin].map = write_map ? maps[l].data_ptr() : nullptr;
       args.levels[l - begin].loss_scale = level_scales[l];
     }
     at::Tensor partials = at::empty({args.total_tiles}, acc_opts);
     args.tile_partials = partials.data_ptr();
-    args.level_losses = static_cast<char*>(losses.data_ptr()) + begin * losses.element_size();
+    args.level_losses = static_cast<char*>(losses.data_ptr()) + offsets[begin] * losses.element_size();
     if constexpr (target == Target::kCudaEmulated) {
-      std::vector<TensorExtent> tensors = input_extents(xs, ys, x_affines, y_affines, begin, end);
+      std::vector<TensorExtent> tensors = input_extents(xs, ys, x_affines, y_affines, weights, begin, end);
       for (size_t l = begin; l < end && write_map; ++l) tensors.push_back(extent_of(maps[l], "map", int64_t(l)));
       tensors.push_back(extent_of(partials, "tile_partials"));
-      tensors.push_back(extent_of(losses.narrow(0, int64_t(begin), int64_t(end - begin)), "level_losses"));
+      tensors.push_back(extent_of(losses.narrow(0, offsets[begin], offsets[end] - offsets[begin]), "level_losses"));
       ssim_fwd_cuda_emulated(args, tensors);
     } else {
       launch(args, xs[0], false);
@@ -270,16 +307,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
 template <Target target>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::TensorList xs, at::TensorList ys,
-               at::TensorList x_affines, at::TensorList y_affines,
-               at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool x_needs_grad,
+               at::TensorList x_affines, at::TensorList y_affines, at::TensorList weights,
+               at::ArrayRef<double> level_scales,
+               at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool x_needs_grad,
                bool y_needs_grad) {
   const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_INIT)};
-  check_inputs(xs, ys, x_affines, y_affines, o);
+  check_inputs(xs, ys, x_affines, y_affines, weights, level_exponents, o);
   TORCH_CHECK(level_scales.size() == xs.size(), "ssimkd: one level scale per level is required");
   const auto acc = accumulation_type(xs[0].scalar_type());
-  TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == int64_t(xs.size()) && grad_losses.scalar_type() == acc &&
+  const std::vector<int64_t> offsets = loss_offsets(xs, o);
+  TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == offsets.back() && grad_losses.scalar_type() == acc &&
                   grad_losses.device() == xs[0].device(),
-              "ssimkd: grad_losses must be a (", xs.size(), ",) ", acc, " tensor, got ", grad_losses.sizes());
+              "ssimkd: grad_losses must be a (", offsets.back(), ",) ", acc, " tensor, got ", grad_losses.sizes());
   TORCH_CHECK(grad_maps.empty() || grad_maps.size() == xs.size(), "ssimkd: grad_maps must be empty or one per level");
   for (size_t l = 0; l < grad_maps.size(); ++l) {
     const auto& g = grad_maps[l];
@@ -302,10 +341,10 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
   const at::Tensor grad_losses_c = grad_losses.contiguous();
   for (size_t begin = 0; begin < xs.size(); begin += kMaxLevelsPerLaunch) {
     const size_t end = std::min(xs.size(), begin + kMaxLevelsPerLaunch);
-    FusedArgs args = make_args(xs, ys, x_affines, y_affines, o, begin, end, tile);
+    FusedArgs args = make_args(xs, ys, x_affines, y_affines, weights, level_exponents, o, begin, end, tile);
     for (size_t l = begin; l < end; ++l) {
       LevelDesc& lv = args.levels[l - begin];
-      lv.grad_loss = static_cast<const char*>(grad_losses_c.data_ptr()) + l * grad_losses_c.element_size();
+      lv.grad_loss = static_cast<const char*>(grad_losses_c.data_ptr()) + offsets[l] * grad_losses_c.element_size();
       lv.loss_scale = level_scales[l];
       lv.grad_map = grad_maps.empty() ? nullptr : grad_maps[l].data_ptr();
       lv.gx = x_needs_grad ? gxs[l].data_ptr() : nullptr;
@@ -318,10 +357,11 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
     at::Tensor partials = at::empty({args.total_tiles, 4}, acc_opts);
     args.tile_partials = partials.data_ptr();
     if constexpr (target == Target::kCudaEmulated) {
-      std::vector<TensorExtent> tensors = input_extents(xs, ys, x_affines, y_affines, begin, end);
+      std::vector<TensorExtent> tensors = input_extents(xs, ys, x_affines, y_affines, weights, begin, end);
       for (size_t l = begin; l < end; ++l) {
         const auto level = int64_t(l);
-        tensors.push_back(extent_of(grad_losses_c.narrow(0, level, 1), "grad_loss", level));
+        tensors.push_back(
+            extent_of(grad_losses_c.narrow(0, offsets[l], offsets[l + 1] - offsets[l]), "grad_loss", level));
         if (!grad_maps.empty()) tensors.push_back(extent_of(grad_maps[l], "grad_map", level));
         if (x_needs_grad) tensors.push_back(extent_of(gxs[l], "gx", level));
         if (y_needs_grad) tensors.push_back(extent_of(gys[l], "gy", level));
@@ -469,12 +509,13 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using FwdSignature = std::tuple<at::Tensor, std::vector<at::Tensor>>(
-    at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+    at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::ArrayRef<double>,
     at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool);
 using BwdSignature =
     std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
         const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-        at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool, bool);
+        at::TensorList, at::ArrayRef<double>, at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool,
+        bool);
 
 // Autograd saves its inputs with save_for_backward, which refuses tensors made under
 // torch.inference_mode() (a teacher's features, typically) since they have no version counter. Such
@@ -527,29 +568,32 @@ struct FusedOps {
   }
 };
 
-// Non-tensor arguments of fused_ssim_fwd after the four tensor lists: level_scales, the scalar options
-// and write_map. Their gradient slots are empty.
-constexpr int kFwdNonTensorArgs = 1 + kOptionCount + 1;
+// Non-tensor arguments of fused_ssim_fwd after the five tensor lists: level_scales, level_exponents, the
+// scalar options and write_map. Their gradient slots are empty, as the weights' (constants of the loss).
+constexpr int kFwdNonTensorArgs = 2 + kOptionCount + 1;
 
 template <Target target>
 class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<target>> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList xs, at::TensorList ys, at::TensorList x_affines,
-                               at::TensorList y_affines,
-                               at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
+                               at::TensorList y_affines, at::TensorList weights, at::ArrayRef<double> level_scales,
+                               at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
                                bool write_map) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [losses, maps] = FusedOps<target>::forward().call(
-        xs, ys, x_affines, y_affines, level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
+    auto [losses, maps] =
+        FusedOps<target>::forward().call(xs, ys, x_affines, y_affines, weights, level_scales,
+                                         level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
     ctx->saved_data["level_scales"] = level_scales.vec();
+    ctx->saved_data["level_exponents"] = level_exponents.vec();
 #define SSIMKD_SAVE_OPTION(type, name, schema) ctx->saved_data[#name] = name;
     SSIMKD_FUSED_OPTIONS(SSIMKD_SAVE_OPTION)
 #undef SSIMKD_SAVE_OPTION
-    ctx->saved_data["counts"] =
-        std::vector<int64_t>{int64_t(xs.size()), int64_t(x_affines.size()), int64_t(y_affines.size())};
+    ctx->saved_data["counts"] = std::vector<int64_t>{int64_t(xs.size()), int64_t(x_affines.size()),
+                                                     int64_t(y_affines.size()), int64_t(weights.size())};
     ctx->saved_data["write_map"] = write_map;
     variable_list saved;
-    for (at::TensorList list : {xs, ys, x_affines, y_affines}) saved.insert(saved.end(), list.begin(), list.end());
+    for (at::TensorList list : {xs, ys, x_affines, y_affines, weights})
+      saved.insert(saved.end(), list.begin(), list.end());
     save_inputs(ctx, saved);
     variable_list out{losses};
     out.insert(out.end(), maps.begin(), maps.end());
@@ -561,12 +605,14 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
     const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_LOAD_OPTION)};
 #undef SSIMKD_LOAD_OPTION
     const auto level_scales = ctx->saved_data["level_scales"].toDoubleVector();
+    const auto level_exponents = ctx->saved_data["level_exponents"].toDoubleVector();
     const bool write_map = ctx->saved_data["write_map"].toBool();
     const auto counts = ctx->saved_data["counts"].toIntVector();
-    const int64_t levels = counts[0], n_xa = counts[1], n_ya = counts[2];
+    const int64_t levels = counts[0], n_xa = counts[1], n_ya = counts[2], n_w = counts[3];
     const variable_list saved = saved_inputs(ctx);
     const at::TensorList xs(saved.data(), levels), ys(saved.data() + levels, levels);
     const at::TensorList x_affines(saved.data() + 2 * levels, n_xa), y_affines(saved.data() + 2 * levels + n_xa, n_ya);
+    const at::TensorList weights(saved.data() + 2 * levels + n_xa + n_ya, n_w);
     auto any_needed = [&](int64_t first, int64_t count) {
       for (int64_t i = first; i < first + count; ++i)
         if (ctx->needs_input_grad(size_t(i))) return true;
@@ -574,7 +620,7 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
     };
     const bool x_needs = any_needed(0, levels) || any_needed(2 * levels, n_xa);
     const bool y_needs = any_needed(levels, levels) || any_needed(2 * levels + n_xa, n_ya);
-    variable_list out(size_t(2 * levels + n_xa + n_ya + kFwdNonTensorArgs));
+    variable_list out(size_t(2 * levels + n_xa + n_ya + n_w + kFwdNonTensorArgs));
     if (!(x_needs || y_needs)) return out;
 
     const auto acc = accumulation_type(xs[0].scalar_type());
@@ -584,8 +630,8 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
       for (int64_t l = 0; l < levels; ++l) grad_maps.push_back(grads[1 + l].to(acc).contiguous());
     }
     auto [gxs, gys, gxa, gya] =
-        FusedOps<target>::backward().call(grad_losses, grad_maps, xs, ys, x_affines, y_affines,
-                                          level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_MEMBER), x_needs, y_needs);
+        FusedOps<target>::backward().call(grad_losses, grad_maps, xs, ys, x_affines, y_affines, weights, level_scales,
+                                          level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_MEMBER), x_needs, y_needs);
     auto place = [&](const std::vector<at::Tensor>& computed, int64_t first) {
       for (size_t i = 0; i < computed.size(); ++i) out[first + i] = computed[i];
     };
@@ -603,10 +649,12 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
 
 template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd_autograd(
-    at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines,
-    at::ArrayRef<double> level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool write_map) {
-  const variable_list out = FusedSsimFunction<target>::apply(
-      xs, ys, x_affines, y_affines, level_scales SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
+    at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines, at::TensorList weights,
+    at::ArrayRef<double> level_scales, at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
+    bool write_map) {
+  const variable_list out =
+      FusedSsimFunction<target>::apply(xs, ys, x_affines, y_affines, weights, level_scales,
+                                       level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
   return {out[0], std::vector<at::Tensor>(out.begin() + 1, out.end())};
 }
 
@@ -682,11 +730,12 @@ void cuda_emulated_plant_bug_op(std::string bug, std::string site, int64_t value
 
 // One schema for every implementation, after the op's name.
 constexpr const char* kFwdSchema =
-    "(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, float[] level_scales" SSIMKD_FUSED_OPTIONS(
+    "(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, Tensor[] weights, "
+    "float[] level_scales, float[] level_exponents" SSIMKD_FUSED_OPTIONS(
         SSIMKD_OPTION_SCHEMA) ", bool write_map) -> (Tensor, Tensor[])";
 constexpr const char* kBwdSchema =
     "(Tensor grad_losses, Tensor[] grad_maps, Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, "
-    "float[] level_scales" SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_SCHEMA) ", bool x_needs_grad, bool y_needs_grad) "
+    "Tensor[] weights, float[] level_scales, float[] level_exponents" SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_SCHEMA) ", bool x_needs_grad, bool y_needs_grad) "
     "-> (Tensor[], Tensor[], Tensor[], Tensor[])";
 
 TORCH_LIBRARY(ssimkd, m) {

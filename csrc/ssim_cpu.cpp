@@ -496,6 +496,7 @@ struct Workspace {
   Buffer<T> x, y;        // loaded plane rows (s1 - s0 of them, then the zero-padding row), gathered
   Buffer<T> horizontal;  // kMaps maps after the horizontal pass, one row per window row position
   Buffer<T> values;      // forward: SSIM per centre of a row; backward: dL/dS of the map, a row
+  Buffer<T> weights;     // the per-pixel weights of m (a mask) of a row of centres
   Buffer<T> coeffs;      // backward: a_x, b_x, c, a_y, b_y of one centre row, 0 off the centres
   Buffer<T> transposed;  // backward: coefficient rows after the horizontal transposed pass
   Buffer<T> grad_hat;    // backward: dL/dx-hat and dL/dy-hat of one target row
@@ -509,6 +510,7 @@ void reserve(Workspace<T>& ws) {
   ws.y.resize(size_t(G::kLoadedRows) * G::kLoaded + G::kSpare);
   ws.horizontal.resize(kMaps * size_t(G::kHorizontalMap));
   ws.values.resize(G::kCentres);
+  ws.weights.resize(G::kCentres);
   ws.coeffs.resize(kMaps * size_t(G::kCoeffs));
   ws.transposed.resize(kMaps * size_t(G::kTransposedMap));
   ws.grad_hat.resize(2 * G::kTargets);
@@ -733,15 +735,16 @@ SSIMKD_INLINE Vec<T, N> ssim_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N
 }
 
 // The coefficient maps a_x, b_x, c, a_y, b_y (SPEC section 2) of a vector of centres from the
-// statistics s of the centred inputs, with d = grad_scale * dm/dS + g (the map's own gradient).
+// statistics s of the centred inputs, with d = grad_scale * dm/dS + g (the map's own gradient);
+// grad_scale per centre: dL/d level loss * loss_scale, times the pixel's weight where there are weights.
 template <bool kDefault, int N, typename T>
 SSIMKD_INLINE void coefficient_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N>>& vp, const SsimParams<T>& p, T cx,
-                                     T cy, T grad_scale, Vec<T, N> g, Vec<T, N>* coef) {
+                                     T cy, Vec<T, N> grad_scale, Vec<T, N> g, Vec<T, N>* coef) {
   using V = Vec<T, N>;
   if constexpr (kDefault) {
     const SsimPartials<V> part =
         ssim_partials_default(moments_from_blurred(s[0], s[1], s[2], s[3], s[4], V(cx), V(cy)), vp);
-    const V d = V(grad_scale) * pixel_loss_grad(part.S, p.clamp) + g;
+    const V d = grad_scale * pixel_loss_grad(part.S, p.clamp) + g;
     const BackwardCoeffs<V> bc = backward_coeffs(part, d, s[0], s[1]);
     coef[0] = bc.a_x;
     coef[1] = bc.b_x;
@@ -749,13 +752,14 @@ SSIMKD_INLINE void coefficient_lanes(const Vec<T, N>* s, const SsimParams<Vec<T,
     coef[3] = bc.a_y;
     coef[4] = bc.b_y;
   } else {
-    T lanes[kMaps][N], gl[N], out[kMaps][N];
+    T lanes[kMaps][N], gl[N], scale[N], out[kMaps][N];
     for (int m = 0; m < kMaps; ++m) s[m].store(lanes[m]);
     g.store(gl);
+    grad_scale.store(scale);
     for (int l = 0; l < N; ++l) {
       const SsimPartials<T> part = ssim_partials_general(
           moments_from_blurred(lanes[0][l], lanes[1][l], lanes[2][l], lanes[3][l], lanes[4][l], cx, cy), p);
-      const T d = grad_scale * pixel_loss_grad(part.S, p.clamp) + gl[l];
+      const T d = scale[l] * pixel_loss_grad(part.S, p.clamp) + gl[l];
       const BackwardCoeffs<T> bc = backward_coeffs(part, d, lanes[0][l], lanes[1][l]);
       out[0][l] = bc.a_x;
       out[1][l] = bc.b_x;
@@ -798,6 +802,16 @@ SSIMKD_INLINE void zero_row(scalar_t* dst, int n, int64_t step) {
   for (int k = 0; k < n; ++k) dst[k * step] = scalar_t(0);
 }
 
+// The level's per-pixel weights of m (lv.weight, not null) at map row i, columns [j, j + n) of plane
+// (tc.n, tc.c), into dst; 0 in [n, n_padded).
+template <typename T>
+SSIMKD_INLINE void read_weight_row(const LevelDesc& lv, const TileCoord& tc, int64_t i, int64_t j, int n, int n_padded,
+                                   T* __restrict dst) {
+  const int64_t* stride = lv.weight_stride;
+  const T* src = static_cast<const T*>(lv.weight) + tc.n * stride[0] + tc.c * stride[1] + i * stride[2] + j * stride[3];
+  read_row(src, stride[3], n, n_padded, T(0), dst);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward: one tile -> its sum of m (and its part of the SSIM map)
 // ------------------------------------------------------------------------------------------------
@@ -810,22 +824,29 @@ SSIMKD_INLINE void forward_rows(const FusedArgs& a, const LevelDesc& lv, const T
   using T = AccType<scalar_t>;
   using V = Vec<T, N>;
   using G = Geometry<R, N>;
-  const SsimParams<T> params = make_ssim_params<T>(a);
+  const SsimParams<T> params = make_ssim_params<T>(a, lv);
   const SsimParams<V> vparams = lanes_of<N>(params);
   const int n_out = int(cols.c1 - cols.c0);
   const int64_t out_h = output_extent(lv.H, R, a.padding), out_w = output_extent(lv.W, R, a.padding);
   const int64_t offset = a.padding == kValid ? R : 0;  // plane centre -> map index
   T* map = static_cast<T*>(lv.map);
   T* __restrict s_row = ws.values.data();
+  T* __restrict w_row = ws.weights.data();
   LaneSums<T, N> total;
   for (int64_t i = 0; i < rows.c1 - rows.c0; ++i) {
     const T* window = ws.horizontal.data() + i * G::kCentres;
+    if (lv.weight != nullptr)
+      read_weight_row(lv, tc, rows.c0 + i - offset, cols.c0 - offset, n_out, cols.blocks * N, w_row);
     for (int b = 0; b < cols.blocks; ++b) {
       V s[kMaps];
       vertical_stats<R>(window + b * N, g, s);
       const V S = ssim_lanes<kDefault, N>(s, vparams, params, in.cx, in.cy);
       if (map != nullptr) S.store(s_row + b * N);
-      total.add(b, pixel_loss(S, params.clamp), n_out - b * N);
+      if (lv.weight != nullptr) {
+        total.add_product(b, pixel_loss(S, params.clamp), V::load(w_row + b * N), n_out - b * N);
+      } else {
+        total.add(b, pixel_loss(S, params.clamp), n_out - b * N);
+      }
     }
     if (map != nullptr) {
       T* dst = map + (tc.plane * out_h + rows.c0 + i - offset) * out_w + cols.c0 - offset;
@@ -853,7 +874,7 @@ SSIMKD_INLINE void forward_tile(const FusedArgs& a, const LaunchPlans<AccType<sc
   timer.lap(kPhaseLoad);
   horizontal_pass<R>(ws, rows, cols, g);
   timer.lap(kPhaseHorizontal);
-  if (a.alpha == 1.0 && a.beta == 1.0 && a.gamma == 1.0) {
+  if (default_exponents(lv)) {
     forward_rows<true, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sum);
   } else {
     forward_rows<false, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sum);
@@ -878,7 +899,7 @@ SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const 
   using T = AccType<scalar_t>;
   using V = Vec<T, N>;
   using G = Geometry<R, N>;
-  const SsimParams<T> params = make_ssim_params<T>(a);
+  const SsimParams<T> params = make_ssim_params<T>(a, lv);
   const SsimParams<V> vparams = lanes_of<N>(params);
   const int64_t centres = cols.width();
   const int n_centres = int(cols.c1 - cols.c0);
@@ -895,11 +916,12 @@ SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const 
     std::fill(map, map + first_row * G::kTargets, T(0));
     std::fill(map + (first_row + centre_rows) * G::kTargets, map + window_rows * G::kTargets, T(0));
   }
-  const T grad_scale = *static_cast<const T*>(lv.grad_loss) * T(lv.loss_scale);
+  const T grad_scale = static_cast<const T*>(lv.grad_loss)[a.plane_sums ? tc.plane : 0] * T(lv.loss_scale);
   const T* grad_map = static_cast<const T*>(lv.grad_map);
   const int64_t out_h = output_extent(lv.H, R, a.padding), out_w = output_extent(lv.W, R, a.padding);
   const int64_t offset = a.padding == kValid ? R : 0;
   T* __restrict g_row = ws.values.data();
+  T* __restrict w_row = ws.weights.data();
   if (grad_map == nullptr) std::fill(g_row, g_row + centres, T(0));
   const T* band = cols.weight.data();
   const int64_t band_stride = cols.target_stride;
@@ -910,11 +932,13 @@ SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const 
       std::copy(gm, gm + n_centres, g_row);
       std::fill(g_row + n_centres, g_row + centres, T(0));
     }
+    if (lv.weight != nullptr) read_weight_row(lv, tc, p - offset, cols.c0 - offset, n_centres, int(centres), w_row);
     const T* window = ws.horizontal.data() + i * G::kCentres;
     for (int b = 0; b < cols.blocks; ++b) {
       V s[kMaps], coef[kMaps];
       vertical_stats<R>(window + b * N, g, s);
-      coefficient_lanes<kDefault, N>(s, vparams, params, in.cx, in.cy, grad_scale, V::load(g_row + b * N), coef);
+      const V scale = lv.weight != nullptr ? V(grad_scale) * V::load(w_row + b * N) : V(grad_scale);
+      coefficient_lanes<kDefault, N>(s, vparams, params, in.cx, in.cy, scale, V::load(g_row + b * N), coef);
       const auto centre = V::iota() < V(n_centres - b * N);  // lanes past the last centre hold 0
       for (int m = 0; m < n_coeff; ++m) where(centre, coef[m], V(T(0))).store(coeffs + m * G::kCoeffs + u0 + b * N);
     }
@@ -1054,7 +1078,7 @@ SSIMKD_INLINE void backward_tile(const FusedArgs& a, const LaunchPlans<AccType<s
   horizontal_pass<R>(ws, rows, cols, g);
   timer.lap(kPhaseHorizontal);
   // Pass 2: per centre row, the statistics, the coefficients and their horizontal transposed pass.
-  if (a.alpha == 1.0 && a.beta == 1.0 && a.gamma == 1.0) {
+  if (default_exponents(lv)) {
     backward_rows<true, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, n_coeff);
   } else {
     backward_rows<false, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, n_coeff);
@@ -1141,15 +1165,19 @@ template <typename scalar_t, int R>
 void forward_impl(const FusedArgs& a) {
   using T = AccType<scalar_t>;
   run_tiles_dispatch<scalar_t, R>(a, false);
-  // The second stage (ssim_params.h): tiles of a level in index order, in SecondStageSum.
+  // The second stage (ssim_params.h): tiles of a level (or of a plane) in index order, in SecondStageSum.
   const T* partials = static_cast<const T*>(a.tile_partials);
   T* losses = static_cast<T*>(a.level_losses);
   for (int l = 0; l < a.num_levels; ++l) {
     const LevelDesc& lv = a.levels[l];
-    const int64_t end = lv.tile_begin + lv.N * lv.C * lv.tiles_h * lv.tiles_w;
-    SecondStageSum total = 0.0;
-    for (int64_t t = lv.tile_begin; t < end; ++t) total += SecondStageSum(partials[t]);
-    losses[l] = T(total * lv.loss_scale);
+    const int64_t per_plane = lv.tiles_h * lv.tiles_w, planes = lv.N * lv.C;
+    const int64_t sums = a.plane_sums ? planes : 1, per_sum = a.plane_sums ? per_plane : planes * per_plane;
+    for (int64_t k = 0; k < sums; ++k) {
+      SecondStageSum total = 0.0;
+      const T* p = partials + lv.tile_begin + k * per_sum;
+      for (int64_t t = 0; t < per_sum; ++t) total += SecondStageSum(p[t]);
+      losses[lv.loss_begin + k] = T(total * lv.loss_scale);
+    }
   }
 }
 

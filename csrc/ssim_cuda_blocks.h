@@ -192,7 +192,7 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
   const S sm(smem);
   const TilePlane<scalar_t, T> p = tile_plane<scalar_t, T>(a, tile, TILE);
   const LevelDesc& lv = *p.lv;
-  const SsimParams<T> params = make_ssim_params<T>(a);
+  const SsimParams<T> params = make_ssim_params<T>(a, lv);
   T taps[2 * R + 1];
   for (int k = 0; k <= 2 * R; ++k) taps[k] = T(a.taps[k]);
 
@@ -208,6 +208,7 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
   const int64_t out_h = output_extent(lv.H, R, a.padding), out_w = output_extent(lv.W, R, a.padding);
   const int64_t offset = a.padding == kValid ? R : 0;
   const GlobalPlane<T> map = contiguous_plane<T>(lv.map, p.tc.plane, out_h, out_w);
+  const GlobalPlane<const T> weight = strided_plane<const T>(lv.weight, lv.weight_stride, p.tc.n, p.tc.c);
   T thread_sum[1] = {T(0)};
   constexpr int strips = TILE / kStrip;
   for (int item = th.tid; item < strips * TILE; item += th.nthreads) {
@@ -222,7 +223,8 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
       const Moments<T> m =
           moments_from_blurred(blurred[0][s], blurred[1][s], blurred[2][s], blurred[3][s], blurred[4][s], cx, cy);
       const T value = ssim_value(m, params);
-      thread_sum[0] += pixel_loss(value, params.clamp);
+      const T loss = pixel_loss(value, params.clamp);
+      thread_sum[0] += weight ? weight(ph - offset, pw - offset) * loss : loss;
       if (map) map(ph - offset, pw - offset) = value;
     }
   }
@@ -277,7 +279,7 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
   const S sm(smem);
   const TilePlane<scalar_t, T> p = tile_plane<scalar_t, T>(a, tile, TILE);
   const LevelDesc& lv = *p.lv;
-  const SsimParams<T> params = make_ssim_params<T>(a);
+  const SsimParams<T> params = make_ssim_params<T>(a, lv);
   const bool need_y = lv.gy != nullptr || lv.g_y_affine != nullptr;
   const int n_coeff = need_y ? 5 : 3;  // blurred back: a_x, b_x, c [, a_y, b_y]
   T taps[K];
@@ -297,10 +299,11 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
   SSIMKD_SYNC();
 
   SSIMKD_STAGE("vertical pass");  // statistics on the LS x LS centres, the coefficient maps there
-  const T grad_scale = global_array<const T>(lv.grad_loss)[0] * T(lv.loss_scale);
+  const T grad_scale = global_array<const T>(lv.grad_loss)[a.plane_sums ? p.tc.plane : 0] * T(lv.loss_scale);
   const int64_t out_h = output_extent(lv.H, R, a.padding), out_w = output_extent(lv.W, R, a.padding);
   const int64_t offset = a.padding == kValid ? R : 0;
   const GlobalPlane<const T> grad_map = contiguous_plane<const T>(lv.grad_map, p.tc.plane, out_h, out_w);
+  const GlobalPlane<const T> weight = strided_plane<const T>(lv.weight, lv.weight_stride, p.tc.n, p.tc.c);
   constexpr int plane_s = S::LS * S::LS;
   constexpr int strips = (S::LS + kStrip - 1) / kStrip;
   for (int item = th.tid; item < strips * S::LS; item += th.nthreads) {
@@ -316,7 +319,8 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
         const Moments<T> m =
             moments_from_blurred(blurred[0][s], blurred[1][s], blurred[2][s], blurred[3][s], blurred[4][s], cx, cy);
         const SsimPartials<T> g = ssim_partials(m, params);
-        T d = grad_scale * pixel_loss_grad(g.S, params.clamp);
+        const T scale = weight ? grad_scale * weight(ph - offset, pw - offset) : grad_scale;
+        T d = scale * pixel_loss_grad(g.S, params.clamp);
         if (grad_map) d += grad_map(ph - offset, pw - offset);
         bc = backward_coeffs(g, d, blurred[0][s], blurred[1][s]);
       }
@@ -402,18 +406,29 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
 // Second stage: fixed-order sums of the tile partials
 // ================================================================================================
 
-// One block per level: loss_scale * (sum of the level's tile sums), in SecondStageSum (ssim_params.h).
+// One block per level: loss_scale * (sum of the level's tile sums), in SecondStageSum (ssim_params.h);
+// with plane_sums, one thread per plane: loss_scale * (its tiles' sums in order).
 template <typename T>
 SSIMKD_DEVICE void level_sum_block(const Thread& th, const FusedArgs& a, int level, Shared<SecondStageSum> scratch) {
   SSIMKD_STAGE("level sum");
   const LevelDesc& lv = a.levels[level];
   const GlobalArray<const T> partials = global_array<const T>(a.tile_partials);
-  const int64_t end = lv.tile_begin + lv.N * lv.C * lv.tiles_h * lv.tiles_w;
+  const GlobalArray<T> losses = global_array<T>(a.level_losses);
+  const int64_t per_plane = lv.tiles_h * lv.tiles_w, planes = lv.N * lv.C;
+  if (a.plane_sums) {
+    for (int64_t plane = th.tid; plane < planes; plane += th.nthreads) {
+      SecondStageSum sum = 0.0;
+      for (int64_t t = 0; t < per_plane; ++t) sum += SecondStageSum(partials[lv.tile_begin + plane * per_plane + t]);
+      losses[lv.loss_begin + plane] = T(sum * lv.loss_scale);
+    }
+    return;
+  }
+  const int64_t end = lv.tile_begin + planes * per_plane;
   SecondStageSum sum[1] = {0.0};
   for (int64_t t = lv.tile_begin + th.tid; t < end; t += th.nthreads) sum[0] += SecondStageSum(partials[t]);
   SecondStageSum total[1];
   block_sum(th, sum, scratch, total);
-  if (th.tid == 0) global_array<T>(a.level_losses)[level] = T(total[0] * lv.loss_scale);
+  if (th.tid == 0) losses[lv.loss_begin] = T(total[0] * lv.loss_scale);
 }
 
 // One thread per plane of a level: its tiles' four sums in order, in SecondStageSum (ssim_params.h)

@@ -41,20 +41,25 @@ struct LevelDesc {
   const void* y_affine;        // [N, C, 2] likewise for y
   int64_t x_affine_stride[3];  // element strides of x_affine (n, c, k): broadcast views need no copy
   int64_t y_affine_stride[3];
-  double loss_scale;         // level_losses[l] = loss_scale * (sum of m over the level), e.g. 1 / (N C Ho Wo)
-  const void* grad_loss;     // backward: [1] dL / d level_losses[l], acc
-  const void* grad_map;      // backward: [N, C, Ho, Wo] contiguous dL / dS, acc; null = none
-  void* map;                 // forward: [N, C, Ho, Wo] contiguous SSIM map, acc; null = not written
-  void* gx;                  // backward: [N, C, H, W] dL/dx, input dtype; null = not needed
-  void* gy;                  // backward: [N, C, H, W] dL/dy, input dtype; null = not needed
-  int64_t gx_stride[4];      // element strides of gx
-  int64_t gy_stride[4];      // element strides of gy
-  void* g_x_affine;          // backward: [N, C, 2] dL / d(scale, offset) of x, acc; null = not needed
-  void* g_y_affine;          // backward: [N, C, 2] likewise for y
-  int64_t N, C, H, W;        // sizes
-  int64_t tiles_h, tiles_w;  // tile grid over one plane
-  int64_t tile_begin;        // global index of this level's first tile; a level's tiles are consecutive,
-                             // plane-major: tile_begin + plane * tiles_h * tiles_w + th * tiles_w + tw
+  double loss_scale;          // a loss output = loss_scale * (sum of w m over the level, or over one of its
+                              // planes with plane_sums), e.g. 1 / (N C Ho Wo)
+  int64_t loss_begin;         // the level's first entry of level_losses: its sum's, or its plane 0's
+  double alpha, beta, gamma;  // the level's exponents of l, c, s (MS-SSIM: (0, 1, 1) but at the coarsest)
+  const void* weight;         // [N, C, Ho, Wo] per-pixel weight w of m (a mask), acc; null = 1 everywhere
+  int64_t weight_stride[4];   // element strides of weight (a mask broadcast over channels has stride 0 there)
+  const void* grad_loss;      // backward: dL / d the level's losses, acc: [1], or [N * C] with plane_sums
+  const void* grad_map;       // backward: [N, C, Ho, Wo] contiguous dL / dS, acc; null = none
+  void* map;                  // forward: [N, C, Ho, Wo] contiguous SSIM map, acc; null = not written
+  void* gx;                   // backward: [N, C, H, W] dL/dx, input dtype; null = not needed
+  void* gy;                   // backward: [N, C, H, W] dL/dy, input dtype; null = not needed
+  int64_t gx_stride[4];       // element strides of gx
+  int64_t gy_stride[4];       // element strides of gy
+  void* g_x_affine;           // backward: [N, C, 2] dL / d(scale, offset) of x, acc; null = not needed
+  void* g_y_affine;           // backward: [N, C, 2] likewise for y
+  int64_t N, C, H, W;         // sizes
+  int64_t tiles_h, tiles_w;   // tile grid over one plane
+  int64_t tile_begin;         // global index of this level's first tile; a level's tiles are consecutive,
+                              // plane-major: tile_begin + plane * tiles_h * tiles_w + th * tiles_w + tw
 };
 
 // Everything one launch (all its levels, one direction) needs.
@@ -69,11 +74,12 @@ struct FusedArgs {
   int tile_h, tile_w;       // output tile of one program / block (chosen by the backend)
   double taps[kMaxWindow];  // Gaussian taps g[0..window-1], gaussian_taps()
   double c1, c2;            // SsimParams::c1, c2
-  double alpha, beta, gamma;
   bool clamp;
-  void* tile_partials;  // scratch, acc: forward [total_tiles] sums of m; backward [total_tiles, 4] sums
+  bool plane_sums;      // one loss per plane (n, c) of each level instead of one per level
+  void* tile_partials;  // scratch, acc: forward [total_tiles] sums of w m; backward [total_tiles, 4] sums
                         // of (gx_hat * (x - x_offset), gx_hat, gy_hat * (y - y_offset), gy_hat) per tile
-  void* level_losses;   // forward output: [num_levels] loss_scale * sum of m per level, acc
+  void* level_losses;   // forward output, acc: per level (at its loss_begin) loss_scale * its sum of w m, or
+                        // with plane_sums per plane of each level loss_scale * the plane's sum of w m
 };
 
 // The second stage, the same on every backend (CPU, CUDA, Triton): a level's loss is the sum of its
@@ -85,15 +91,20 @@ struct FusedArgs {
 // rounded result only when a sum lies within double rounding error of a rounding boundary.
 using SecondStageSum = double;
 
+// Whether a level's exponents are (1, 1, 1): the closed form A1 A2 / (B1 B2), chosen per level.
+SSIMKD_HD bool default_exponents(const LevelDesc& lv) {
+  return lv.alpha == 1.0 && lv.beta == 1.0 && lv.gamma == 1.0;
+}
+
 template <typename T>
-SSIMKD_HD SsimParams<T> make_ssim_params(const FusedArgs& a) {
+SSIMKD_HD SsimParams<T> make_ssim_params(const FusedArgs& a, const LevelDesc& lv) {
   SsimParams<T> p;
   p.c1 = T(a.c1);
   p.c2 = T(a.c2);
-  p.alpha = T(a.alpha);
-  p.beta = T(a.beta);
-  p.gamma = T(a.gamma);
-  p.default_exponents = a.alpha == 1.0 && a.beta == 1.0 && a.gamma == 1.0;
+  p.alpha = T(lv.alpha);
+  p.beta = T(lv.beta);
+  p.gamma = T(lv.gamma);
+  p.default_exponents = default_exponents(lv);
   p.clamp = a.clamp;
   p.eps_sigma = T(kEpsSigma);
   return p;

@@ -15,19 +15,28 @@ OPTIONS = KernelOptions(
 )
 
 
-def _op_args(backend, write_map, affine: bool):
+def _op_args(backend, write_map, affine: bool, weighted: bool = False):
     students, teachers = sample_levels([(3, 4), (9, 13)], dtype=torch.float32, device=device_of(backend))
     affines = []
     if affine:
         affines = [torch.rand(s.shape[0], s.shape[1], 2, device=s.device, requires_grad=True) for s in students]
-    return (students, teachers, affines, affines, [0.1, 0.2], *OPTIONS.as_args(), write_map)
+    # weighted: per-pixel weights of m, a mask shared by the channels (an expanded view) on one level, full
+    # on the other
+    weights = []
+    if weighted:
+        n, c, h, w = students[0].shape
+        weights = [torch.rand(n, 1, h, w, device=students[0].device).expand(n, c, h, w), torch.rand_like(students[1])]
+    options = KernelOptions(**{**OPTIONS.__dict__, "plane_sums": weighted})  # and one loss per plane
+    exponents = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0] if weighted else []  # and each level its own exponents
+    return (students, teachers, affines, affines, weights, [0.1, 0.2], exponents, *options.as_args(), write_map)
 
 
 @pytest.mark.parametrize("write_map", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
-def test_opcheck(backend, write_map, affine):
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
+def test_opcheck(backend, write_map, affine, weighted):
     fwd_name, _ = _OP_PAIRS[backend]
-    args = _op_args(backend, write_map, affine)
+    args = _op_args(backend, write_map, affine, weighted)
     torch.library.opcheck(_op(fwd_name), args)
 
 
@@ -37,13 +46,16 @@ def test_opcheck(backend, write_map, affine):
 def test_opcheck_backward(backend, write_map, affine, needs):
     """The backward ops as torch sees them: schema, fake kernel, no input mutated, no aliasing."""
     fwd_name, bwd_name = _OP_PAIRS[backend]
-    students, teachers, x_affines, y_affines, level_scales, *rest = _op_args(backend, write_map, affine)
+    students, teachers, x_affines, y_affines, weights, level_scales, exponents, *rest = _op_args(
+        backend, write_map, affine, weighted=affine
+    )
     options, write = rest[:-1], rest[-1]
+    inputs = (students, teachers, x_affines, y_affines, weights, level_scales, exponents)
     with torch.no_grad():
-        losses, maps = _op(fwd_name)(students, teachers, x_affines, y_affines, level_scales, *options, write)
+        losses, maps = _op(fwd_name)(*inputs, *options, write)
     grad_losses = torch.rand_like(losses)
     grad_maps = [torch.rand_like(m) for m in maps] if write_map else []
-    args = (grad_losses, grad_maps, students, teachers, x_affines, y_affines, level_scales, *options, *needs)
+    args = (grad_losses, grad_maps, *inputs, *options, *needs)
     torch.library.opcheck(_op(bwd_name), args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -95,11 +107,64 @@ def test_torch_compile_fullgraph(backend):
     assert torch.allclose(model.student.weight.grad, eager_grad, rtol=1e-4, atol=1e-7)
 
 
+def test_level_exponents_equal_one_call_per_level(backend):
+    """level_exponents: each level with its own (alpha, beta, gamma) in one call (MS-SSIM's c s scales and
+    its coarsest) equals a call per level with those exponents as options, values and gradients."""
+    students, teachers = sample_levels([(13, 12), (11, 14), (12, 11)], device=device_of(backend))
+    triples = [(0.0, 1.0, 1.0), (1.0, 1.0, 1.0), (2.0, 0.5, 1.0)]
+    base = KernelOptions(**{**OPTIONS.__dict__, "clamp": False})
+    together, _ = fused_ssim(backend, students, teachers, [], [], [0.5] * 3, base, level_exponents=triples)
+    per_level = [KernelOptions(**{**base.__dict__, "alpha": a, "beta": b, "gamma": g}) for a, b, g in triples]
+    apart = torch.cat(
+        [fused_ssim(backend, [s], [t], [], [], [0.5], o)[0] for s, t, o in zip(students, teachers, per_level)]
+    )
+    assert torch.allclose(together, apart, rtol=1e-5, atol=1e-7)
+    cotangent = torch.tensor([1.0, -2.0, 0.5], device=together.device)
+    got = torch.autograd.grad(together, students + teachers, cotangent)
+    want = torch.autograd.grad(apart, students + teachers, cotangent)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
 def test_fused_ssim_returns_scaled_level_sums(backend):
     students, teachers = sample_levels([(5, 6), (7, 3)], device=device_of(backend), requires_grad=False)
     ones, _ = fused_ssim(backend, students, teachers, [], [], [1.0, 1.0], OPTIONS)
     halves, _ = fused_ssim(backend, students, teachers, [], [], [0.5, 2.0], OPTIONS)
     assert torch.allclose(halves, ones * torch.tensor([0.5, 2.0], device=ones.device))
+
+
+@pytest.mark.parametrize("plane_sums", [False, True], ids=["level-sums", "plane-sums"])
+@pytest.mark.parametrize("padding", ["reflect", "valid"])
+def test_weights_scale_m_per_pixel_in_the_fused_pass(backend, padding, plane_sums):
+    """level_losses[l] = scale * sum(w m) (with plane_sums one entry per plane (n, c), levels in order), and
+    both inputs' gradients with it, for weights of any strides (a mask expanded over channels, a
+    transposed view): against the map the same op writes, weighted and summed here."""
+    from ssimkd_kernels._constants import PADDING_CODES
+
+    options = KernelOptions(
+        **{**OPTIONS.__dict__, "padding": PADDING_CODES[padding], "clamp": False, "plane_sums": plane_sums}
+    )
+    device = device_of(backend)
+    students, teachers = sample_levels([(13, 17), (12, 11)], device=device)
+    shrink = 10 if padding == "valid" else 0
+    (n0, c0, h0, w0), (n1, c1, h1, w1) = students[0].shape, students[1].shape
+    weights = [
+        torch.rand(n0, 1, h0 - shrink, w0 - shrink, device=device).expand(n0, c0, -1, -1),
+        torch.rand(n1, c1, w1 - shrink, h1 - shrink, device=device).transpose(2, 3),
+    ]
+    scales = [0.5, 2.0]
+    losses, _ = fused_ssim(backend, students, teachers, [], [], scales, options, weights=weights)
+    cotangent = torch.rand(losses.shape, device=device)  # a different upstream gradient per entry
+    grads = torch.autograd.grad(losses, students + teachers, cotangent)
+
+    _, maps = fused_ssim(backend, students, teachers, [], [], [0.0, 0.0], options, write_map=True)
+    sums = [scale * (w * (1.0 - m) / 2).sum(dim=(2, 3)) for scale, w, m in zip(scales, weights, maps)]
+    expected = torch.cat([s.flatten() for s in sums]) if plane_sums else torch.stack([s.sum() for s in sums])
+    assert losses.shape == expected.shape
+    expected_grads = torch.autograd.grad(expected, students + teachers, cotangent)
+    assert torch.allclose(losses, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def _signature(qualified_name: str) -> tuple:

@@ -52,6 +52,8 @@ class KernelConfig:
     exponents: tuple = (1.0, 1.0, 1.0)
     teacher_grad: bool = False  # backward: dL/dy too (NEED_Y)
     affine: bool = True  # min-max normalisation (any mode but "none")
+    masked: bool = False  # per-pixel weights of m and one loss per plane (ssim's mask, reduction "none")
+    ms_ssim: bool = False  # ms_ssim's launch: alpha 0 or 1 per level (chosen at run time), one loss per plane
 
     @property
     def name(self) -> str:
@@ -62,6 +64,10 @@ class KernelConfig:
             parts.append("x+y" if self.teacher_grad else "x")
         if not self.affine:
             parts.append("no-affine")
+        if self.masked:
+            parts.append("masked")
+        if self.ms_ssim:
+            parts.append("ms-ssim")
         return "/".join(parts)
 
 
@@ -78,6 +84,8 @@ def default_configs() -> list[KernelConfig]:
             dict(window=15, padding="zero"),
             dict(window=15, padding="valid"),
             dict(window=15, exponents=(1.0, 0.5, 2.0)),
+            dict(window=15, masked=True, affine=False),
+            dict(padding="valid", ms_ssim=True, affine=False),
         ]
         for variant in variants:
             for grad in grads:
@@ -132,12 +140,19 @@ def kernel_constants(config: KernelConfig) -> dict:
     from ._constants import PADDING_CODES
     from .ops import KernelOptions
 
-    options = KernelOptions(config.window, 1.5, 1e-4, 9e-4, PADDING_CODES[config.padding], *config.exponents, True)
-    constants = dict(module.kernel_constants(options), HAS_AFFINE=config.affine, WIDE=False)
+    options = KernelOptions(
+        config.window, 1.5, 1e-4, 9e-4, PADDING_CODES[config.padding], *config.exponents, True, plane_sums=False
+    )
+    constants = dict(
+        module.kernel_constants(options), HAS_AFFINE=config.affine, HAS_PIXEL_WEIGHTS=config.masked, WIDE=False
+    )
+    if config.ms_ssim:  # levels with (0, 1, 1) and (1, 1, 1): alpha's kind is decided per level
+        constants.update(KINDS=(module.EXPONENT_PER_LEVEL.value, *constants["KINDS"][1:]), DEFAULT_EXPONENTS=False)
     if config.kernel == "fwd":
         constants.update(WRITE_MAP=False)
     else:
-        constants.update(HAS_GRAD_MAP=False, NEED_X=True, NEED_Y=config.teacher_grad)
+        plane_sums = config.masked or config.ms_ssim
+        constants.update(HAS_GRAD_MAP=False, PLANE_SUMS=plane_sums, NEED_X=True, NEED_Y=config.teacher_grad)
     return constants
 
 

@@ -2,16 +2,22 @@
 
 Two pairs of torch.library custom ops share one schema:
 
-    ssimkd::fused_ssim_fwd(xs, ys, x_affines, y_affines, level_scales, <options>, write_map)
-        -> (level_losses, maps)
-    ssimkd::fused_ssim_bwd(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, <options>,
-                           x_needs_grad, y_needs_grad) -> (gxs, gys, g_x_affines, g_y_affines)
+    ssimkd::fused_ssim_fwd(xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, <options>,
+                           write_map) -> (level_losses, maps)
+    ssimkd::fused_ssim_bwd(grad_losses, grad_maps, xs, ys, x_affines, y_affines, weights, level_scales,
+                           level_exponents, <options>, x_needs_grad, y_needs_grad)
+        -> (gxs, gys, g_x_affines, g_y_affines)
 
 defined in C++ (csrc/ops.cpp: CPU, and CUDA when compiled) and, with the suffix ``_triton``, here
 (kernels in triton_kernels.py). ``level_losses[l]`` is ``level_scales[l]`` times the sum over level l
-of the per-pixel loss m = (1 - S) / 2 (clamped when asked): with 1 / (N C H' W') it is the level's
-mean, so no host-side tensor of weights is ever copied to the device. ``maps`` are the SSIM maps,
-written only when ``write_map``.
+(or, with the option ``plane_sums``, one entry per plane (n, c) of each level, levels in order) of
+w m, m = (1 - S) / 2 the per-pixel loss (clamped when asked) and w the pixel's weight: weights[l]
+(N, C, H', W') in the accumulation dtype, any strides (a mask expanded over channels is a view), or
+1 everywhere when ``weights`` is empty. With 1 / (N C H' W') and no weights it is the level's mean, so
+no host-side tensor of weights is ever copied to the device. The weights are constants (no gradient).
+``level_exponents``: (alpha, beta, gamma) of each level, flat (MS-SSIM's c s scales take (0, 1, 1), its
+coarsest (1, 1, 1)); empty: every level takes the options' alpha, beta, gamma. ``maps`` are the SSIM
+maps, written only when ``write_map``.
 ``x_affines[l]`` is an (N, C, 2) tensor of (scale, offset), any strides (broadcast views welcome):
 x-hat = scale * (x - offset) per plane (empty list: identity). The backward takes dL/d level_losses
 and dL/d maps and recomputes everything from the inputs: nothing but the inputs is saved.
@@ -58,16 +64,18 @@ class KernelOptions:
     beta: float
     gamma: float
     clamp: bool
+    plane_sums: bool = False  # one loss per plane (n, c) of each level, not one per level
 
     def as_args(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
-# Where the options sit among the ops' arguments: fwd (xs, ys, x_affines, y_affines, level_scales,
-# <options>, write_map); bwd (grad_losses, grad_maps, <the same>, x_needs_grad, y_needs_grad).
+# Where the options sit among the ops' arguments: fwd (xs, ys, x_affines, y_affines, weights,
+# level_scales, level_exponents, <options>, write_map); bwd (grad_losses, grad_maps, <the same>,
+# x_needs_grad, y_needs_grad).
 _OPTION_COUNT = len(fields(KernelOptions))
-_FWD_OPTIONS = slice(5, 5 + _OPTION_COUNT)
-_FWD_NON_TENSOR_ARGS = 1 + _OPTION_COUNT + 1  # level_scales, the options, write_map: no gradients
+_FWD_OPTIONS = slice(7, 7 + _OPTION_COUNT)
+_FWD_NON_TENSOR_ARGS = 2 + _OPTION_COUNT + 1  # level_scales and _exponents, the options, write_map: no gradients
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,7 +94,9 @@ def _fused_ssim_fwd_triton(
     ys: List[Tensor],
     x_affines: List[Tensor],
     y_affines: List[Tensor],
+    weights: List[Tensor],
     level_scales: List[float],
+    level_exponents: List[float],
     window_size: int,
     sigma: float,
     c1: float,
@@ -96,12 +106,13 @@ def _fused_ssim_fwd_triton(
     beta: float,
     gamma: float,
     clamp: bool,
+    plane_sums: bool,
     write_map: bool,
 ) -> Tuple[Tensor, List[Tensor]]:
     from .triton_kernels import ssim_fwd_triton
 
-    options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp)
-    return ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_map)
+    options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp, plane_sums)
+    return ssim_fwd_triton(xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, options, write_map)
 
 
 @torch.library.custom_op("ssimkd::fused_ssim_bwd_triton", mutates_args=())
@@ -112,7 +123,9 @@ def _fused_ssim_bwd_triton(
     ys: List[Tensor],
     x_affines: List[Tensor],
     y_affines: List[Tensor],
+    weights: List[Tensor],
     level_scales: List[float],
+    level_exponents: List[float],
     window_size: int,
     sigma: float,
     c1: float,
@@ -122,14 +135,26 @@ def _fused_ssim_bwd_triton(
     beta: float,
     gamma: float,
     clamp: bool,
+    plane_sums: bool,
     x_needs_grad: bool,
     y_needs_grad: bool,
 ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
     from .triton_kernels import ssim_bwd_triton
 
-    options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp)
+    options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp, plane_sums)
     return ssim_bwd_triton(
-        grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, options, x_needs_grad, y_needs_grad
+        grad_losses,
+        grad_maps,
+        xs,
+        ys,
+        x_affines,
+        y_affines,
+        weights,
+        level_scales,
+        level_exponents,
+        options,
+        x_needs_grad,
+        y_needs_grad,
     )
 
 
@@ -139,11 +164,11 @@ def _fused_ssim_bwd_triton(
 
 
 # Both take the op's arguments in schema order; the scalar options (KernelOptions) sit after level_scales.
-def _fwd_fake(xs, ys, x_affines, y_affines, level_scales, *options_and_write_map):
+def _fwd_fake(xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, *options_and_write_map):
     options, write_map = KernelOptions(*options_and_write_map[:_OPTION_COUNT]), options_and_write_map[_OPTION_COUNT]
     torch._check(len(xs) > 0 and len(xs) == len(ys), lambda: "ssimkd: one teacher level per student level")
     acc = _accumulation_dtype(xs[0].dtype)
-    losses = xs[0].new_empty((len(xs),), dtype=acc)
+    losses = xs[0].new_empty((_loss_count(xs, options),), dtype=acc)
     maps = []
     if write_map:
         for x in xs:
@@ -153,7 +178,14 @@ def _fwd_fake(xs, ys, x_affines, y_affines, level_scales, *options_and_write_map
     return losses, maps
 
 
-def _bwd_fake(grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, *options_and_needs):
+def _loss_count(xs, options: KernelOptions) -> int:
+    """Entries of level_losses: one per level, or one per plane of each level with plane_sums."""
+    return sum(x.shape[0] * x.shape[1] for x in xs) if options.plane_sums else len(xs)
+
+
+def _bwd_fake(
+    grad_losses, grad_maps, xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, *options_and_needs
+):
     x_needs_grad, y_needs_grad = options_and_needs[_OPTION_COUNT:]
     gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
     gys = [torch.empty_like(y) for y in ys] if y_needs_grad else []
@@ -200,29 +232,33 @@ def _op(qualified_name: str):
 
 def _make_autograd(bwd_name: str):
     def setup_context(ctx, inputs, output):
-        xs, ys, x_affines, y_affines, level_scales = inputs[:5]
+        xs, ys, x_affines, y_affines, weights, level_scales, level_exponents = inputs[:7]
         ctx.level_scales = level_scales
+        ctx.level_exponents = level_exponents
         ctx.options = inputs[_FWD_OPTIONS]
         ctx.write_map = inputs[_FWD_OPTIONS.stop]
-        ctx.counts = (len(xs), len(x_affines), len(y_affines))
-        save_inputs(ctx, [*xs, *ys, *x_affines, *y_affines])
+        ctx.counts = (len(xs), len(x_affines), len(y_affines), len(weights))
+        save_inputs(ctx, [*xs, *ys, *x_affines, *y_affines, *weights])
 
     def backward(ctx, grad_losses, grad_maps):
-        levels, n_xa, n_ya = ctx.counts
+        levels, n_xa, n_ya, n_w = ctx.counts
         saved = saved_inputs(ctx)
         xs, ys = list(saved[:levels]), list(saved[levels : 2 * levels])
         x_affines = list(saved[2 * levels : 2 * levels + n_xa])
-        y_affines = list(saved[2 * levels + n_xa :])
+        y_affines = list(saved[2 * levels + n_xa : 2 * levels + n_xa + n_ya])
+        weights = list(saved[2 * levels + n_xa + n_ya :])
         needs = ctx.needs_input_grad
         x_needs = any(needs[0]) or any(needs[2])
         y_needs = any(needs[1]) or any(needs[3])
-        none = (None,) * _FWD_NON_TENSOR_ARGS
+        # No gradients for the weights (constants) and the non-tensor arguments; autograd wants an empty
+        # float list (level_exponents when not given) answered by an empty list, a non-empty one by None.
+        none = ([None] * n_w, None, [] if not ctx.level_exponents else None) + (None,) * (_FWD_NON_TENSOR_ARGS - 2)
         if not (x_needs or y_needs):
             return ([None] * levels, [None] * levels, [None] * n_xa, [None] * n_ya) + none
 
         acc = _accumulation_dtype(xs[0].dtype)
         if grad_losses is None:
-            grad_losses = xs[0].new_zeros((levels,), dtype=acc)
+            grad_losses = xs[0].new_zeros((_loss_count(xs, KernelOptions(*ctx.options)),), dtype=acc)
         grad_maps = list(grad_maps) if ctx.write_map else []
         if all(g is None for g in grad_maps):
             grad_maps = []
@@ -240,7 +276,9 @@ def _make_autograd(bwd_name: str):
             ys,
             x_affines,
             y_affines,
+            weights,
             ctx.level_scales,
+            ctx.level_exponents,
             *ctx.options,
             x_needs,
             y_needs,
@@ -482,11 +520,19 @@ def fused_ssim(
     level_scales: list[float],
     options: KernelOptions,
     write_map: bool = False,
+    weights: list[Tensor] | None = None,
+    level_exponents: list[tuple[float, float, float]] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Run the fused forward of `backend` ("cpu", "cuda" or "triton"), differentiable.
+    """Run the fused forward of `backend` ("cpu", "cuda" or "triton"), differentiable in xs, ys and the
+    affines.
 
-    Returns (level_losses, maps): level_scales[l] times the sum of m over level l, and the SSIM
-    maps when write_map.
+    Returns (level_losses, maps): level_scales[l] times the sum of w m over level l (or over each of its
+    planes with options.plane_sums; w: weights[l], the SSIM map's per-pixel weights, constants; 1
+    without weights), and the SSIM maps when write_map. level_exponents: (alpha, beta, gamma) per level,
+    instead of the options' for all.
     """
     fwd_name, _ = _OP_PAIRS[backend]
-    return _op(fwd_name)(xs, ys, x_affines, y_affines, level_scales, *options.as_args(), write_map)
+    exponents = [float(e) for triple in level_exponents or () for e in triple]
+    return _op(fwd_name)(
+        xs, ys, x_affines, y_affines, weights or [], level_scales, exponents, *options.as_args(), write_map
+    )

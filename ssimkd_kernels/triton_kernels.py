@@ -78,6 +78,7 @@ EXPONENT_ABSENT = tl.constexpr(0)  # e = 0: the factor is 1
 EXPONENT_ONE = tl.constexpr(1)  # e = 1: the term itself, exactly
 EXPONENT_INTEGER = tl.constexpr(2)  # integer e >= 2: defined for negative terms (sign by parity)
 EXPONENT_GENERAL = tl.constexpr(3)  # any other e: NaN for negative terms, as std::pow
+EXPONENT_PER_LEVEL = tl.constexpr(4)  # the levels of a launch differ: each of the above, chosen at run time
 
 # Lanes of one program: one thread each (8 warps), the most a slot can span. A level's planes are cut
 # into strips and packed into slots so that few lanes idle (level_plan); a program holds at most
@@ -149,7 +150,13 @@ COL_COL_WEIGHTS = tl.constexpr(41)  # its true transpose along a row (W + 2r, 2r
 COL_ROW_WEIGHTS = tl.constexpr(42)  # and along a column (H + 2r, 2r+1)
 COL_GXA_OFF = tl.constexpr(43)  # dL/d x's affine, contiguous (N, C, 2): offset (backward with affines)
 COL_GYA_OFF = tl.constexpr(44)  # dL/d y's affine
-NUM_COLUMNS = tl.constexpr(45)
+COL_PW_OFF = tl.constexpr(45)  # the per-pixel weights of m (the op's `weights`, map coordinates): offset,
+COL_PWS_N = tl.constexpr(46)  # strides (n, c, h, w)
+COL_PWS_C = tl.constexpr(47)
+COL_PWS_H = tl.constexpr(48)
+COL_PWS_W = tl.constexpr(49)
+COL_LOSS_BEGIN = tl.constexpr(50)  # the level's first loss output (one per level, or per plane): its index
+NUM_COLUMNS = tl.constexpr(51)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,6 +214,29 @@ def _source_index(i, n, PADDING: tl.constexpr):
         return tl.where((i >= 0) & (i < n), i, -1)
     else:
         return tl.minimum(tl.maximum(i, 0), n - 1)
+
+
+@triton.jit
+def _pixel_weight_column(pixel_weight_ptr, row, lanes: Lanes, offset, WIDE: tl.constexpr):
+    """The level's per-pixel weights of m: (their base pointer, per lane the offset of its column at map
+    row -offset, the row stride): centre row p of a lane is at base + column + p * stride, read at
+    centres only. Offsets are int32 unless WIDE (one pointer per program, not one per lane)."""
+    stride_h = _row_stride(row, COL_PWS_H, WIDE)
+    column = (
+        lanes.n * _row_stride(row, COL_PWS_N, WIDE)
+        + lanes.c * _row_stride(row, COL_PWS_C, WIDE)
+        + (lanes.load_col - offset) * _row_stride(row, COL_PWS_W, WIDE)
+        - offset * stride_h
+    )
+    return pixel_weight_ptr + tl.load(row + COL_PW_OFF), column, stride_h
+
+
+@triton.jit
+def _level_exponents(exponents_ptr, level):
+    """(alpha, beta, gamma) of a level, from the launch's [levels, 3] table (unused, so never loaded, when
+    every exponent's kind is known at compile time)."""
+    at = exponents_ptr + 3 * level
+    return tl.load(at), tl.load(at + 1), tl.load(at + 2)
 
 
 @triton.jit
@@ -320,7 +350,21 @@ def _affine(
 @triton.jit
 def _power(v, e, KIND: tl.constexpr, ODD: tl.constexpr):
     """(v^e, d v^e / dv) as std::pow in csrc/ssim_math.h; KIND from the host (_exponent_kind)."""
-    if KIND == EXPONENT_ABSENT:
+    if KIND == EXPONENT_PER_LEVEL:  # e differs between the launch's levels (one per program): decide here
+        log_v = tl.log2(tl.abs(v))
+        value = tl.exp2(e * log_v)
+        derivative = e * tl.exp2((e - 1.0) * log_v)
+        integer = e == tl.floor(e)
+        odd = integer & (e - 2.0 * tl.floor(e * 0.5) == 1.0)
+        negative = v < 0.0
+        signed_value = tl.where(integer, tl.where(odd, -value, value), float("nan"))  # as std::pow of v < 0
+        signed_derivative = tl.where(integer, tl.where(odd, derivative, -derivative), float("nan"))
+        value = tl.where(negative, signed_value, value)
+        derivative = tl.where(negative, signed_derivative, derivative)
+        value = tl.where(e == 0.0, 1.0, tl.where(e == 1.0, v, value))
+        derivative = tl.where(e == 0.0, 0.0, tl.where(e == 1.0, 1.0, derivative))
+        return value, derivative
+    elif KIND == EXPONENT_ABSENT:
         return tl.full(v.shape, 1.0, tl.float32), tl.zeros(v.shape, tl.float32)
     elif KIND == EXPONENT_ONE:
         return v, tl.full(v.shape, 1.0, tl.float32)
@@ -603,6 +647,9 @@ def _forward_row(
     out_col,
     map_row,
     out_w,
+    pw_base,
+    pw_col,
+    pws_h,
     c1,
     c2,
     alpha,
@@ -614,6 +661,7 @@ def _forward_row(
     PADDING: tl.constexpr,
     BORDER: tl.constexpr,
     WRITE_MAP: tl.constexpr,
+    HAS_PIXEL_WEIGHTS: tl.constexpr,
     DEFAULT_EXPONENTS: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
@@ -622,7 +670,7 @@ def _forward_row(
 ):
     """Output row p: the vertical pass at the lanes' columns, the horizontal pass through `scratch` (the
     buffer of this row's parity: slower warps may still read the other one), the SSIM terms; returns
-    total + m (on the output columns) and stores S to the map when asked."""
+    total + w m (on the output columns; w the pixel's weight, or 1) and stores S to the map when asked."""
     columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING, BORDER)
     mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
     S, _, _, _, _, _ = _ssim_and_partials(
@@ -647,6 +695,8 @@ def _forward_row(
         m = tl.where(m < 0.0, 0.0, tl.where(m > 1.0, 1.0, m))  # NaN stays NaN
     if WRITE_MAP:
         tl.store(map_row + p * out_w, S, mask=out_col)
+    if HAS_PIXEL_WEIGHTS:
+        m = m * tl.load(pw_base + (pw_col + p * pws_h), mask=out_col, other=0.0)
     return total + tl.where(out_col, m, 0.0)
 
 
@@ -657,21 +707,21 @@ def _ssim_fwd_kernel(
     xa_ptr,
     ya_ptr,
     map_ptr,
+    pixel_weight_ptr,
     weights_ptr,
     table_ptr,
     partials_ptr,
     scratch_ptr,
+    exponents_ptr,
     num_levels,
     c1,
     c2,
-    alpha,
-    beta,
-    gamma,
     TAPS: tl.constexpr,
     R: tl.constexpr,
     PADDING: tl.constexpr,
     HAS_AFFINE: tl.constexpr,
     WRITE_MAP: tl.constexpr,
+    HAS_PIXEL_WEIGHTS: tl.constexpr,
     DEFAULT_EXPONENTS: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
@@ -685,11 +735,13 @@ def _ssim_fwd_kernel(
     # all rows. Per output row p: the vertical pass at each lane's column, the horizontal pass through a
     # scratch row, then on x' = x-hat - (the slot's centre)
     #   mu' = W x', var = W(x'^2) - mu'^2, cov = W(x'y') - mu'_x mu'_y,
-    #   S = A1 A2 / (B1 B2) (or l^a c^b s^g), m = (1 - S) / 2; writes each pair's sum of m (and the map).
+    #   S = A1 A2 / (B1 B2) (or l^a c^b s^g), m = (1 - S) / 2; writes each pair's sum of w m (w: the
+    #   pixel's weight, or 1) and the map when asked.
     K: tl.constexpr = 2 * R + 1
     KP: tl.constexpr = triton.next_power_of_2(K)
     ROW: tl.constexpr = LANES + 2 * R
     lanes = _lanes(table_ptr, num_levels, LANES)
+    alpha, beta, gamma = _level_exponents(exponents_ptr, lanes.level)
     row = lanes.row
     H = lanes.H
     W = lanes.W
@@ -725,6 +777,7 @@ def _ssim_fwd_kernel(
         + (lanes.load_col - offset)
         - offset * out_w
     )
+    pw_base, pw_col, pws_h = _pixel_weight_column(pixel_weight_ptr, row, lanes, offset, WIDE)
     # ---- rows: those whose window crosses the top or bottom edge read through the padding's index map
     top = tl.minimum(R, p_end) if PADDING != VALID else p0
     bottom = tl.maximum(top, H - R) if PADDING != VALID else p_end
@@ -753,6 +806,9 @@ def _ssim_fwd_kernel(
                 out_col,
                 map_row,
                 out_w,
+                pw_base,
+                pw_col,
+                pws_h,
                 c1,
                 c2,
                 alpha,
@@ -764,6 +820,7 @@ def _ssim_fwd_kernel(
                 PADDING,
                 segment != 1,
                 WRITE_MAP,
+                HAS_PIXEL_WEIGHTS,
                 DEFAULT_EXPONENTS,
                 CLAMP,
                 EPS_SIGMA,
@@ -771,7 +828,7 @@ def _ssim_fwd_kernel(
                 ODDS,
             )
 
-    # ---- reduce: each pair's sum of m
+    # ---- reduce: each pair's sum of w m
     index, holds = _pair_index(lanes, MAX_SLOTS)
     tl.store(partials_ptr + index, _slot_sums(total, lanes, MAX_SLOTS), mask=holds)
 
@@ -893,6 +950,9 @@ def _backward_row(
     grad_scale,
     gmap_row,
     out_w,
+    pw_base,
+    pw_col,
+    pws_h,
     c1,
     c2,
     alpha,
@@ -906,6 +966,7 @@ def _backward_row(
     PADDING: tl.constexpr,
     BORDER: tl.constexpr,
     HAS_GRAD_MAP: tl.constexpr,
+    HAS_PIXEL_WEIGHTS: tl.constexpr,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
     DEFAULT_EXPONENTS: tl.constexpr,
@@ -943,7 +1004,10 @@ def _backward_row(
     if CLAMP:
         m = (1.0 - S) * 0.5
         dm_dS = tl.where((m >= 0.0) & (m <= 1.0), -0.5, 0.0)
-    d = grad_scale * dm_dS
+    if HAS_PIXEL_WEIGHTS:
+        d = grad_scale * tl.load(pw_base + (pw_col + p * pws_h), mask=centre_col, other=0.0) * dm_dS
+    else:
+        d = grad_scale * dm_dS
     if HAS_GRAD_MAP:
         d += tl.load(gmap_row + p * out_w, mask=centre_col, other=0.0)
     coef_c = tl.where(centre_col, d * dS_dcov, 0.0)
@@ -996,6 +1060,7 @@ def _ssim_bwd_kernel(
     xa_ptr,
     ya_ptr,
     gmap_ptr,
+    pixel_weight_ptr,
     gx_ptr,
     gy_ptr,
     weights_ptr,
@@ -1004,17 +1069,17 @@ def _ssim_bwd_kernel(
     grad_ptr,
     partials_ptr,
     scratch_ptr,
+    exponents_ptr,
     num_levels,
     c1,
     c2,
-    alpha,
-    beta,
-    gamma,
     TAPS: tl.constexpr,
     R: tl.constexpr,
     PADDING: tl.constexpr,
     HAS_AFFINE: tl.constexpr,
     HAS_GRAD_MAP: tl.constexpr,
+    HAS_PIXEL_WEIGHTS: tl.constexpr,
+    PLANE_SUMS: tl.constexpr,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
     DEFAULT_EXPONENTS: tl.constexpr,
@@ -1039,6 +1104,7 @@ def _ssim_bwd_kernel(
     NUM_MAPS: tl.constexpr = 1 + 2 * NEED_X + 2 * NEED_Y  # c, then a_x, b_x, then a_y, b_y
     ROW: tl.constexpr = LANES + 2 * R
     lanes = _lanes(table_ptr, num_levels, LANES)
+    alpha, beta, gamma = _level_exponents(exponents_ptr, lanes.level)
     row = lanes.row
     H = lanes.H
     W = lanes.W
@@ -1070,7 +1136,11 @@ def _ssim_bwd_kernel(
         other=0.0,
     )
     row_table = weights_ptr + tl.load(row + COL_ROW_WEIGHTS)
-    grad_scale = tl.load(grad_ptr + lanes.level).to(tl.float32) * tl.load(scales_ptr + lanes.level).to(tl.float32)
+    # dL/d the level's loss, or with PLANE_SUMS per lane dL/d its plane's, times the level's scale
+    grad_at = grad_ptr + tl.load(row + COL_LOSS_BEGIN)
+    if PLANE_SUMS:
+        grad_at += lanes.plane
+    grad_scale = tl.load(grad_at).to(tl.float32) * tl.load(scales_ptr + lanes.level).to(tl.float32)
     p0 = R if PADDING == VALID else 0
     p_end = H - R if PADDING == VALID else H
     centre_col = lanes.active
@@ -1091,6 +1161,7 @@ def _ssim_bwd_kernel(
         + (lanes.load_col - offset)
         - offset * out_w
     )
+    pw_base, pw_col, pws_h = _pixel_weight_column(pixel_weight_ptr, row, lanes, offset, WIDE)
     zero = tl.zeros((LANES,), tl.float32)
     transposed = ((zero,) * (2 * R),) * NUM_MAPS  # open sums of gradient rows, per map
     sums_x = (zero, zero)
@@ -1132,6 +1203,9 @@ def _ssim_bwd_kernel(
                 grad_scale,
                 gmap_row,
                 out_w,
+                pw_base,
+                pw_col,
+                pws_h,
                 c1,
                 c2,
                 alpha,
@@ -1145,6 +1219,7 @@ def _ssim_bwd_kernel(
                 PADDING,
                 segment != 1,
                 HAS_GRAD_MAP,
+                HAS_PIXEL_WEIGHTS,
                 NEED_X,
                 NEED_Y,
                 DEFAULT_EXPONENTS,
@@ -1198,7 +1273,7 @@ def _ssim_bwd_kernel(
 
 @triton.jit
 def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.constexpr):
-    # One program per level: level_scale * (sum of its pairs' sums of m), accumulated in float64 and
+    # One program per level: level_scale * (sum of its pairs' sums of w m), accumulated in float64 and
     # rounded once (the second stage every backend shares: csrc/ssim_params.h).
     level = tl.program_id(0)
     row = table_ptr + level * NUM_COLUMNS
@@ -1208,7 +1283,25 @@ def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.co
     for start in range(0, count, CHUNK):
         k = start + tl.arange(0, CHUNK)
         total += tl.sum(tl.load(partials_ptr + begin + k, mask=k < count, other=0.0).to(tl.float64), axis=0)
-    tl.store(out_ptr + level, (total * tl.load(scales_ptr + level)).to(tl.float32))
+    tl.store(out_ptr + tl.load(row + COL_LOSS_BEGIN), (total * tl.load(scales_ptr + level)).to(tl.float32))
+
+
+@triton.jit
+def _plane_loss_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, BLOCK: tl.constexpr):
+    # The forward's second stage with plane_sums. Programs (level, block of BLOCK planes): each plane's
+    # level_scale * (sum of its strips' sums of w m, in strip order), in float64 rounded once.
+    level = tl.program_id(0)
+    row = table_ptr + level * NUM_COLUMNS
+    strips = tl.load(row + COL_STRIPS)
+    planes = tl.load(row + COL_PAIRS) // strips
+    plane = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    holds = plane < planes
+    first = partials_ptr + tl.load(row + COL_PAIR_BEGIN) + plane * strips
+    total = tl.zeros((BLOCK,), dtype=tl.float64)
+    for strip in range(0, strips):
+        total += tl.load(first + strip, mask=holds, other=0.0).to(tl.float64)
+    out = out_ptr + tl.load(row + COL_LOSS_BEGIN) + plane
+    tl.store(out, (total * tl.load(scales_ptr + level)).to(tl.float32), mask=holds)
 
 
 @triton.jit
@@ -1394,6 +1487,7 @@ def _launch_table(
     ys,
     x_affines,
     y_affines,
+    pixel_weights,
     maps,
     gxs,
     gys,
@@ -1404,12 +1498,13 @@ def _launch_table(
     device,
     g_x_affines=(),
     g_y_affines=(),
+    plane_sums: bool = False,
 ) -> Launch:
     """The level table of one launch (at most MAX_LEVELS levels), cached by layout: the same layouts in
     a training loop skip the host-to-device copies; a miss copies from pinned memory, asynchronously."""
     radius = len(taps) // 2
     rows, plans, weight_parts = [], [], []
-    programs = pairs = weight_size = 0
+    programs = pairs = weight_size = losses = 0
     for l, (x, y) in enumerate(zip(xs, ys)):
         n, c, h, w = x.shape
         # a strip's halo: its outputs' window centres need r more columns each side; the backward's
@@ -1423,11 +1518,16 @@ def _launch_table(
         row[COL_STRIPS], row[COL_STRIP_W], row[COL_SLOT_W] = plan.strips, plan.strip_w, plan.slot_w
         row[COL_HALO], row[COL_SLOTS], row[COL_PAIRS] = plan.halo, plan.slots, n * c * plan.strips
         row[COL_PROGRAM_BEGIN], row[COL_PAIR_BEGIN] = programs, pairs
+        row[COL_LOSS_BEGIN] = losses
+        losses += n * c if plane_sums else 1
         if x_affines:
             row[COL_XA_OFF] = _offset(x_affines[l], x_affines[0])
             row[COL_XA_N], row[COL_XA_C], row[COL_XA_K] = x_affines[l].stride()
             row[COL_YA_OFF] = _offset(y_affines[l], y_affines[0])
             row[COL_YA_N], row[COL_YA_C], row[COL_YA_K] = y_affines[l].stride()
+        if pixel_weights:
+            row[COL_PW_OFF] = _offset(pixel_weights[l], pixel_weights[0])
+            row[COL_PWS_N], row[COL_PWS_C], row[COL_PWS_H], row[COL_PWS_W] = pixel_weights[l].stride()
         if maps:
             row[COL_MAP_OFF] = _offset(maps[l], maps[0])
         if g_x_affines:
@@ -1496,24 +1596,39 @@ def _exponent_kind(e: float) -> int:
     return EXPONENT_INTEGER.value if float(e).is_integer() else EXPONENT_GENERAL.value
 
 
-def _layout_flags(xs, ys) -> dict:
-    """WIDE: some offset within a plane may reach 2^31 elements (the kernels then use int64 offsets)."""
+def _level_exponent_triples(options, level_exponents, levels: int) -> list[tuple[float, float, float]]:
+    """(alpha, beta, gamma) of each level: the op's flat level_exponents, or the options' for every level."""
+    if level_exponents:
+        return [tuple(level_exponents[3 * l : 3 * l + 3]) for l in range(levels)]
+    return [(options.alpha, options.beta, options.gamma)] * levels
+
+
+def _layout_flags(xs, ys, pixel_weights=()) -> dict:
+    """WIDE: some offset within a plane, or within a level's per-pixel weights, may reach 2^31 elements
+    (the kernels then use int64 offsets)."""
     wide = any(max(t.shape[2] * abs(t.stride(2)), t.shape[3] * abs(t.stride(3))) >= 2**31 for t in list(xs) + list(ys))
+    wide |= any(sum(abs(s) * (n - 1) for n, s in zip(w.shape, w.stride())) >= 2**31 for w in pixel_weights)
     return dict(WIDE=wide)
 
 
-def kernel_constants(options) -> dict:
-    """The constexprs both kernels take from the op's options."""
-    exponents = (options.alpha, options.beta, options.gamma)
+def kernel_constants(options, level_exponents=()) -> dict:
+    """The constexprs both kernels take from the op's options (and its per-level exponents: an exponent
+    that differs between levels is of kind EXPONENT_PER_LEVEL, and the closed form is taken only when
+    every level's exponents are (1, 1, 1))."""
+    triples = _level_exponent_triples(options, level_exponents, max(len(level_exponents) // 3, 1))
+    columns = list(zip(*triples))  # per exponent, its value in each level
+    kinds = tuple(
+        _exponent_kind(values[0]) if len(set(values)) == 1 else EXPONENT_PER_LEVEL.value for values in columns
+    )
     taps = _taps(options)
     return dict(
         TAPS=taps,
         R=len(taps) // 2,
         PADDING=options.padding,
         CLAMP=options.clamp,
-        DEFAULT_EXPONENTS=exponents == (1.0, 1.0, 1.0),
-        KINDS=tuple(_exponent_kind(e) for e in exponents),
-        ODDS=tuple(float(e).is_integer() and int(e) % 2 == 1 for e in exponents),
+        DEFAULT_EXPONENTS=all(triple == (1.0, 1.0, 1.0) for triple in triples),
+        KINDS=kinds,
+        ODDS=tuple(float(values[0]).is_integer() and int(values[0]) % 2 == 1 for values in columns),
         EPS_SIGMA=EPS_SIGMA,
         LANES=LANES,
         MAX_SLOTS=MAX_SLOTS,
@@ -1530,7 +1645,26 @@ def _chunks(count: int):
         yield slice(start, min(start + MAX_LEVELS_PER_LAUNCH, count))
 
 
-def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_map):
+def _loss_offsets(xs, plane_sums: bool) -> list[int]:
+    """Where each level's losses start in level_losses (one per level, or one per plane), and their count."""
+    offsets = [0]
+    for x in xs:
+        offsets.append(offsets[-1] + (x.shape[0] * x.shape[1] if plane_sums else 1))
+    return offsets
+
+
+def _losses_of(losses, offsets, part: slice):
+    """The entries of level_losses (or of its gradient) that the levels of one launch own."""
+    return losses[offsets[part.start] : offsets[part.stop]]
+
+
+def _exponents_table(triples, device) -> torch.Tensor:
+    """float32 [levels, 3]: each level's (alpha, beta, gamma), as the kernels load them (cached)."""
+    key = ("exponents", str(device), tuple(triples))
+    return _cached(key, lambda: _to_device(torch.tensor(triples, dtype=torch.float32), device))
+
+
+def ssim_fwd_triton(xs, ys, x_affines, y_affines, pixel_weights, level_scales, level_exponents, options, write_map):
     """Forward of ssimkd::fused_ssim_fwd_triton: (level_losses [L] float32, SSIM maps or [])."""
     _check(xs, ys)
     device = xs[0].device
@@ -1549,8 +1683,10 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
         if write_map
         else []
     )
-    constants = kernel_constants(options)
-    losses = torch.empty(len(xs), dtype=torch.float32, device=device)
+    constants = kernel_constants(options, level_exponents)
+    triples = _level_exponent_triples(options, level_exponents, len(xs))
+    offsets = _loss_offsets(xs, options.plane_sums)
+    losses = torch.empty(offsets[-1], dtype=torch.float32, device=device)
     for part in _chunks(len(xs)):
         x_aff, y_aff = x_affines[part], y_affines[part]
         launch = _launch_table(
@@ -1558,6 +1694,7 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
             ys[part],
             x_aff,
             y_aff,
+            pixel_weights[part],
             maps[part],
             [],
             [],
@@ -1566,6 +1703,7 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
             options.padding,
             False,
             device,
+            plane_sums=options.plane_sums,
         )
         partials = torch.empty(launch.pairs, dtype=torch.float32, device=device)
         scratch = torch.empty(launch.programs * 10 * _scratch_row(constants["R"]), dtype=torch.float32, device=device)
@@ -1575,25 +1713,33 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, level_scales, options, write_m
             xa_ptr=x_aff[0] if x_aff else partials,
             ya_ptr=y_aff[0] if y_aff else partials,
             map_ptr=maps[part][0] if write_map else partials,
+            pixel_weight_ptr=pixel_weights[part][0] if pixel_weights else partials,
             weights_ptr=launch.weights,
             table_ptr=launch.table,
             partials_ptr=partials,
             scratch_ptr=scratch,
+            exponents_ptr=_exponents_table(triples[part], device),
             num_levels=len(xs[part]),
             c1=options.c1,
             c2=options.c2,
-            alpha=options.alpha,
-            beta=options.beta,
-            gamma=options.gamma,
             HAS_AFFINE=bool(x_aff),
             WRITE_MAP=write_map,
+            HAS_PIXEL_WEIGHTS=bool(pixel_weights),
             **constants,
-            **_layout_flags(xs[part], ys[part]),
+            **_layout_flags(xs[part], ys[part], pixel_weights[part]),
             **launch_options("fwd"),
         )
-        _level_sum_kernel[(len(xs[part]),)](
-            partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales, out_ptr=losses[part], CHUNK=256
-        )
+        out = _losses_of(losses, offsets, part)
+        if options.plane_sums:
+            block = 128
+            most_planes = max(x.shape[0] * x.shape[1] for x in xs[part])
+            _plane_loss_kernel[(len(xs[part]), triton.cdiv(most_planes, block))](
+                partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales, out_ptr=out, BLOCK=block
+            )
+        else:
+            _level_sum_kernel[(len(xs[part]),)](
+                partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales, out_ptr=out, CHUNK=256
+            )
     return losses, maps
 
 
@@ -1621,17 +1767,30 @@ def _plane_sums(launch: Launch, partials, xs, x_aff, y_aff, g_x_aff, g_y_aff):
 
 
 def ssim_bwd_triton(
-    grad_losses, grad_maps, xs, ys, x_affines, y_affines, level_scales, options, x_needs_grad, y_needs_grad
+    grad_losses,
+    grad_maps,
+    xs,
+    ys,
+    x_affines,
+    y_affines,
+    pixel_weights,
+    level_scales,
+    level_exponents,
+    options,
+    x_needs_grad,
+    y_needs_grad,
 ):
     """Backward of ssimkd::fused_ssim_fwd_triton: (gxs, gys, g_x_affines, g_y_affines), [] where not needed."""
     _check(xs, ys)
     device = xs[0].device
     gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
     gys = [torch.empty_like(y) for y in ys] if y_needs_grad else []
-    constants = kernel_constants(options)
+    constants = kernel_constants(options, level_exponents)
+    triples = _level_exponent_triples(options, level_exponents, len(xs))
     num_maps = 1 + 2 * x_needs_grad + 2 * y_needs_grad
     has_affine = bool(x_affines)
     g_x_affines, g_y_affines = [], []
+    offsets = _loss_offsets(xs, options.plane_sums)
     for part in _chunks(len(xs)):
         x_aff, y_aff = x_affines[part], y_affines[part]
         g_x_aff = _affine_gradient_outputs(xs[part], has_affine and x_needs_grad)
@@ -1641,6 +1800,7 @@ def ssim_bwd_triton(
             ys[part],
             x_aff,
             y_aff,
+            pixel_weights[part],
             grad_maps[part],
             gxs[part],
             gys[part],
@@ -1651,6 +1811,7 @@ def ssim_bwd_triton(
             device,
             g_x_aff,
             g_y_aff,
+            plane_sums=options.plane_sums,
         )
         partials = torch.zeros(launch.pairs, 4, dtype=torch.float32, device=device)
         scratch = torch.empty(
@@ -1662,26 +1823,27 @@ def ssim_bwd_triton(
             xa_ptr=x_aff[0] if has_affine else partials,
             ya_ptr=y_aff[0] if has_affine else partials,
             gmap_ptr=grad_maps[part][0] if grad_maps else partials,
+            pixel_weight_ptr=pixel_weights[part][0] if pixel_weights else partials,
             gx_ptr=gxs[part][0] if gxs else xs[part][0],
             gy_ptr=gys[part][0] if gys else ys[part][0],
             weights_ptr=launch.weights,
             table_ptr=launch.table,
             scales_ptr=launch.scales,
-            grad_ptr=grad_losses[part],
+            grad_ptr=_losses_of(grad_losses, offsets, part),
             partials_ptr=partials,
             scratch_ptr=scratch,
+            exponents_ptr=_exponents_table(triples[part], device),
             num_levels=len(xs[part]),
             c1=options.c1,
             c2=options.c2,
-            alpha=options.alpha,
-            beta=options.beta,
-            gamma=options.gamma,
             HAS_AFFINE=has_affine,
             HAS_GRAD_MAP=bool(grad_maps),
+            HAS_PIXEL_WEIGHTS=bool(pixel_weights),
+            PLANE_SUMS=options.plane_sums,
             NEED_X=x_needs_grad,
             NEED_Y=y_needs_grad,
             **constants,
-            **_layout_flags(xs[part], ys[part]),
+            **_layout_flags(xs[part], ys[part], pixel_weights[part]),
             **launch_options("bwd"),
         )
         if g_x_aff or g_y_aff:
