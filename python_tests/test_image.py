@@ -258,10 +258,11 @@ def test_ms_ssim_loss_module():
     assert math.isclose(float(sk.MSSSIMLoss()(x, x.detach())), 0.0, abs_tol=1e-6)
 
 
-@pytest.mark.parametrize("call", ["ssim-none", "ssim-sum", "ms_ssim"])
+@pytest.mark.parametrize("call", ["ssim-none", "ssim-sum", "ssim-mask-mean", "ssim-mask-none", "ms_ssim"])
 def test_fused_reductions_write_no_map(monkeypatch, call):
-    """reduction="none"/"sum" and ms_ssim reduce inside the fused op (each sample, or each plane of each
-    scale, one of its levels): the op is never asked for an SSIM map."""
+    """reduction="none"/"sum", a mask (weights of m inside the op) and ms_ssim reduce inside the fused op
+    (per level, or per plane of each level): the op is never asked for an SSIM map, and each is one call
+    of one launch (ms_ssim: a level per scale)."""
     if not backend_available("cpu"):
         pytest.skip("the C++ extension is not available here")
     import ssimkd_kernels.loss as loss_module
@@ -278,10 +279,38 @@ def test_fused_reductions_write_no_map(monkeypatch, call):
     y = torch.rand(2, 3, 170, 170)
     if call == "ms_ssim":
         value = sk.ms_ssim(x, y, backend="cpu")
-        expected_levels = [4 * 2 * 3, 2 * 3]  # every plane of the four c s scales, then of the coarsest
+        expected_levels = [5]  # the five scales, each its own exponents
     else:
-        value = sk.ssim(x, y, reduction=call.split("-")[1], backend="cpu")
-        expected_levels = [2 if call == "ssim-none" else 1]
+        mask = torch.rand(2, 1, 170, 170) if "mask" in call else None
+        reduction = call.split("-")[-1]
+        value = sk.ssim(x, y, reduction=reduction, mask=mask, backend="cpu")
+        expected_levels = [1]
     value.sum().backward()
     assert calls == [(n, False) for n in expected_levels]
     assert torch.isfinite(x.grad).all()
+
+
+def test_a_mask_that_needs_a_gradient_gets_one():
+    """The fused path treats the mask as a constant; a mask that requires grad takes the SSIM map, so its
+    gradient (the map, normalised) is there, equal to the reference backend's."""
+    x, y = images((1, 2, 16, 15))
+    grads = {}
+    for backend in ("reference", "cpu") if backend_available("cpu") else ("reference",):
+        mask = torch.rand(1, 1, 16, 15, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        value = sk.ssim(x, y, padding="zero", mask=mask, backend=backend)
+        (grads[backend],) = torch.autograd.grad(value, mask)
+    assert torch.isfinite(grads["reference"]).all() and grads["reference"].abs().sum() > 0
+    for grad in grads.values():
+        assert_close_verbose(grad, grads["reference"], rtol=1e-4, name="d ssim / d mask")
+
+
+def test_a_bool_mask_selects_pixels():
+    """A bool mask is the mean over the pixels it selects, fused as weights 0 and 1."""
+    x, y = images((2, 3, 18, 20))
+    mask = torch.rand(2, 1, 18, 20) > 0.5
+    smap = sk.ssim_map(x, y, padding="zero", backend="reference")
+    expected = smap[mask.expand_as(smap)].mean()
+    backends = ["reference"] + [b for b in ("cpu", "triton", "cuda_emulated") if backend_available(b)]
+    for backend in backends:
+        value = sk.ssim(x, y, padding="zero", mask=mask, backend=backend)
+        assert_close_verbose(value, expected, rtol=2e-6, name=f"bool mask {backend}")

@@ -189,8 +189,9 @@ def _scale_terms(xs, ys, window_size, sigma, data_range, k1, k2, backend) -> lis
     """Per scale, the (N, C) means of c s (exponents (0, 1, 1): l^0 c s, which is exactly c s since c s =
     A2 / B2 whatever sigma_x sigma_y is) and, at the coarsest scale, of SSIM; valid windows.
 
-    On a fused backend every plane of every scale is one level of the op (one call for the c s scales,
-    one for the coarsest), which reduces each to its sum: no SSIM map is written."""
+    On a fused backend every scale is one level of the op, with its own exponents (level_exponents), and
+    the op reduces each plane to a sum (plane_sums): the pyramid in one call, one launch for up to
+    MAX_LEVELS_PER_LAUNCH scales; no SSIM map is written."""
     chosen = resolve_backend(backend, xs[0].device)
     if chosen == "reference":
         options = dict(
@@ -203,22 +204,23 @@ def _scale_terms(xs, ys, window_size, sigma, data_range, k1, k2, backend) -> lis
 
     n, c = xs[0].shape[:2]
     dtype = _common_dtype([xs[0], ys[0]])
-
-    def plane_means(scales_x, scales_y, exponents) -> Tensor:  # (scales, N, C)
-        planes_x, planes_y, counts = [], [], []
-        for a, b in zip(scales_x, scales_y):
-            h, w = a.shape[2:]
-            # One split per scale: the planes' gradients meet in one cat.
-            planes_x += a.to(dtype).reshape(n * c, 1, h, w).split(1)
-            planes_y += b.to(dtype).reshape(n * c, 1, h, w).split(1)
-            counts += [
-                reference.output_extent(h, window_size, "valid") * reference.output_extent(w, window_size, "valid")
-            ] * (n * c)
-        options = _kernel_options(window_size, sigma, data_range, k1, k2, "valid", exponents, clamp=False)
-        return fused_means(chosen, planes_x, planes_y, options, counts).view(len(scales_x), n, c)
-
-    terms = list(plane_means(xs[:-1], ys[:-1], (0.0, 1.0, 1.0)).unbind(0)) if len(xs) > 1 else []
-    return terms + [plane_means(xs[-1:], ys[-1:], (1.0, 1.0, 1.0))[0]]
+    counts = [
+        reference.output_extent(a.shape[2], window_size, "valid")
+        * reference.output_extent(a.shape[3], window_size, "valid")
+        for a in xs
+    ]
+    options = _kernel_options(window_size, sigma, data_range, k1, k2, "valid", (1.0, 1.0, 1.0), clamp=False)
+    exponents = [(0.0, 1.0, 1.0)] * (len(xs) - 1) + [(1.0, 1.0, 1.0)]
+    means = fused_means(
+        chosen,
+        [a.to(dtype) for a in xs],
+        [b.to(dtype) for b in ys],
+        options,
+        counts,
+        per_plane=True,
+        level_exponents=exponents,
+    )
+    return list(means.view(len(xs), n, c).unbind(0))
 
 
 class MSSSIMLoss(nn.Module):

@@ -13,6 +13,7 @@ normalised copy of a feature map is written; autograd carries d scale, d offset 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -330,23 +331,53 @@ def _ssim(
         count = _output_count(x.shape, window_size, padding)
         mean = fused_means(chosen, [x], [y], options, [count])[0]
         return mean if reduction == "mean" else mean * count
-    if weights is None and reduction == "none":  # each sample a level of the op: one mean each, no map
-        per_sample = _output_count(x[:1].shape, window_size, padding)
-        return fused_means(chosen, list(x.split(1)), list(y.split(1)), options, [per_sample] * x.shape[0])
+    if weights is None and reduction == "none":  # the op's per-plane means (no map), averaged per sample
+        per_plane = _output_count(x[:1, :1].shape, window_size, padding)
+        return fused_means(chosen, [x], [y], options, [per_plane], per_plane=True).view(x.shape[:2]).mean(dim=1)
+    if weights is not None and reduction is not None and not weights.requires_grad:
+        return _masked_fused(chosen, x, y, weights, options, reduction)
+    # the map itself, or a mask that wants its own gradient: the map, weighted by torch
     _, maps = fused_ssim(chosen, [x], [y], [], [], [0.0], options, write_map=True)
     return maps[0] if reduction is None else _reduce_map(maps[0], weights, reduction)
 
 
-def fused_means(backend: str, xs: list[Tensor], ys: list[Tensor], options: KernelOptions, counts: list[int]) -> Tensor:
-    """Mean SSIM of each pair (xs[i], ys[i]) over its counts[i] map pixels, by the fused op with each pair
-    as one of its levels: the op reduces every level to one sum and writes no map. Unclamped
-    (options.clamp False), the op's per-pixel loss is m = (1 - S) / 2, so mean S = 1 - 2 mean m.
+def _masked_fused(backend: str, x: Tensor, y: Tensor, weights: Tensor, options: KernelOptions, reduction: str):
+    """ssim with a mask, the mask weighting m inside the fused op (no SSIM map written): the op gives
+    sum(w m), m = (1 - S) / 2 (per plane for reduction "none"), so sum(w S) = sum(w) - 2 sum(w m). The
+    mask is a constant of the loss (a mask that needs a gradient takes the map)."""
+    weights = weights.expand(x.shape[0], x.shape[1], *weights.shape[2:])  # a view: channels share a mask
+    per_plane = reduction == "none"
+    options = dataclasses.replace(options, plane_sums=per_plane)
+    weighted_m, _ = fused_ssim(backend, [x], [y], [], [], [1.0], options, weights=[weights])
+    if per_plane:
+        weighted_m = weighted_m.view(x.shape[:2]).sum(dim=1)
+    total_weight = weights.sum(dim=(1, 2, 3)) if per_plane else weights.sum().reshape(1)
+    weighted_ssim = total_weight - 2.0 * weighted_m
+    if reduction == "sum":
+        return weighted_ssim[0]
+    mean = weighted_ssim / total_weight
+    return mean if reduction == "none" else mean[0]
 
-    Pass the pairs as views made by one split (x.split(1)): their gradients then meet in one cat,
-    where separate slices would each scatter into a full-size zero tensor."""
+
+def fused_means(
+    backend: str,
+    xs: list[Tensor],
+    ys: list[Tensor],
+    options: KernelOptions,
+    counts: list[int],
+    *,
+    per_plane: bool = False,
+    level_exponents: list[tuple[float, float, float]] | None = None,
+) -> Tensor:
+    """Mean SSIM of each pair (xs[i], ys[i]) over its counts[i] map pixels, by the fused op with each pair
+    as one of its levels: the op reduces every level to one sum and writes no map. per_plane: the mean
+    of each plane (n, c) of each level instead (counts[i]: the pixels of one plane of level i), level
+    by level, n-major. level_exponents: each level's (alpha, beta, gamma) instead of the options'.
+    Unclamped (options.clamp False), the op's per-pixel loss is m = (1 - S) / 2, so mean S = 1 - 2 mean m."""
     if options.clamp:
         raise ValueError("fused_means needs clamp=False: a clamped loss does not give back the mean SSIM")
-    losses, _ = fused_ssim(backend, xs, ys, [], [], [1.0 / c for c in counts], options)
+    options = dataclasses.replace(options, plane_sums=per_plane)
+    losses, _ = fused_ssim(backend, xs, ys, [], [], [1.0 / c for c in counts], options, level_exponents=level_exponents)
     return 1.0 - 2.0 * losses
 
 
