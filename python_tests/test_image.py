@@ -314,3 +314,17 @@ def test_a_bool_mask_selects_pixels():
     for backend in backends:
         value = sk.ssim(x, y, padding="zero", mask=mask, backend=backend)
         assert_close_verbose(value, expected, rtol=2e-6, name=f"bool mask {backend}")
+
+
+def test_a_mask_with_inputs_of_two_dtypes():
+    """x float32 and y float64 run in float64 on every backend, the reference too (it ran float32), and
+    the mask's weights follow them."""
+    x, _ = images((1, 2, 16, 17))
+    y = torch.rand(1, 2, 16, 17, dtype=torch.float64)
+    mask = torch.rand(1, 1, 16, 17)
+    expected = sk.ssim(x.double(), y, padding="zero", mask=mask.double(), backend="reference")
+    backends = ["reference"] + [b for b in ("cpu", "cuda_emulated") if backend_available(b)]
+    for backend in backends:
+        value = sk.ssim(x, y, padding="zero", mask=mask, backend=backend)
+        assert value.dtype == torch.float64
+        assert_close_verbose(value, expected, rtol=1e-10, name=f"mixed dtypes {backend}")

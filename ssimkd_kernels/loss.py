@@ -308,6 +308,8 @@ def _ssim(
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _, (x,), (y,) = _check_levels(x, y, window_size, padding)
+    dtype = _common_dtype([x, y])  # every backend: x float32 with y float64 runs (and returns) float64
+    x, y = x.to(dtype), y.to(dtype)
     weights = _map_weights(mask, x, window_size, padding)
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
@@ -324,9 +326,7 @@ def _ssim(
             exponents=tuple(exponents),
         )
         return smap if reduction is None else _reduce_map(smap, weights, reduction)
-    dtype = _common_dtype([x, y])
     options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, exponents, clamp=False)
-    x, y = x.to(dtype), y.to(dtype)
     if weights is None and reduction in ("mean", "sum"):
         count = _output_count(x.shape, window_size, padding)
         mean = fused_means(chosen, [x], [y], options, [count])[0]
