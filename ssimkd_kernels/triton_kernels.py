@@ -1287,16 +1287,23 @@ def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.co
 
 
 @triton.jit
-def _plane_loss_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, BLOCK: tl.constexpr):
-    # The forward's second stage with plane_sums. Programs (level, block of BLOCK planes): each plane's
-    # level_scale * (sum of its strips' sums of w m, in strip order), in float64 rounded once.
+def _plane_block(table_ptr, BLOCK: tl.constexpr):
+    """A second-stage program (level, block of BLOCK planes): (the level, its table row, its planes, which
+    of them exist, the pair index of each plane's first strip, strips per plane)."""
     level = tl.program_id(0)
     row = table_ptr + level * NUM_COLUMNS
     strips = tl.load(row + COL_STRIPS)
-    planes = tl.load(row + COL_PAIRS) // strips
     plane = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    holds = plane < planes
-    first = partials_ptr + tl.load(row + COL_PAIR_BEGIN) + plane * strips
+    holds = plane < tl.load(row + COL_PAIRS) // strips
+    return level, row, plane, holds, tl.load(row + COL_PAIR_BEGIN) + plane * strips, strips
+
+
+@triton.jit
+def _plane_loss_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, BLOCK: tl.constexpr):
+    # The forward's second stage with plane_sums. Programs (level, block of BLOCK planes): each plane's
+    # level_scale * (sum of its strips' sums of w m, in strip order), in float64 rounded once.
+    level, row, plane, holds, first_pair, strips = _plane_block(table_ptr, BLOCK)
+    first = partials_ptr + first_pair
     total = tl.zeros((BLOCK,), dtype=tl.float64)
     for strip in range(0, strips):
         total += tl.load(first + strip, mask=holds, other=0.0).to(tl.float64)
@@ -1334,13 +1341,8 @@ def _plane_sums_kernel(
 ):
     # Programs (level, block of BLOCK planes): each plane's four sums over its strips in strip order,
     # accumulated in float64 and rounded once, then the affine's gradient (the shared second stage).
-    level = tl.program_id(0)
-    row = table_ptr + level * NUM_COLUMNS
-    strips = tl.load(row + COL_STRIPS)
-    planes = tl.load(row + COL_PAIRS) // strips
-    plane = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    holds = plane < planes
-    first = partials_ptr + 4 * (tl.load(row + COL_PAIR_BEGIN) + plane * strips)
+    _, row, plane, holds, first_pair, strips = _plane_block(table_ptr, BLOCK)
+    first = partials_ptr + 4 * first_pair
     s0 = tl.zeros((BLOCK,), dtype=tl.float64)
     s1 = tl.zeros((BLOCK,), dtype=tl.float64)
     s2 = tl.zeros((BLOCK,), dtype=tl.float64)
@@ -1731,16 +1733,26 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, pixel_weights, level_scales, l
         )
         out = _losses_of(losses, offsets, part)
         if options.plane_sums:
-            block = 128
-            most_planes = max(x.shape[0] * x.shape[1] for x in xs[part])
-            _plane_loss_kernel[(len(xs[part]), triton.cdiv(most_planes, block))](
-                partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales, out_ptr=out, BLOCK=block
+            _plane_loss_kernel[_plane_grid(xs[part])](
+                partials_ptr=partials,
+                table_ptr=launch.table,
+                scales_ptr=launch.scales,
+                out_ptr=out,
+                BLOCK=PLANE_BLOCK,
             )
         else:
             _level_sum_kernel[(len(xs[part]),)](
                 partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales, out_ptr=out, CHUNK=256
             )
     return losses, maps
+
+
+PLANE_BLOCK = 128  # planes per program of the per-plane second stages
+
+
+def _plane_grid(xs) -> tuple[int, int]:
+    """Grid of a per-plane second stage (_plane_block): a program per level and block of PLANE_BLOCK planes."""
+    return (len(xs), triton.cdiv(max(x.shape[0] * x.shape[1] for x in xs), PLANE_BLOCK))
 
 
 def _affine_gradient_outputs(tensors, needed: bool) -> list:
@@ -1751,9 +1763,7 @@ def _affine_gradient_outputs(tensors, needed: bool) -> list:
 def _plane_sums(launch: Launch, partials, xs, x_aff, y_aff, g_x_aff, g_y_aff):
     """The backward's second stage: dL/d(scale, offset) of every plane of every level of a launch into
     g_x_aff / g_y_aff (one (N, C, 2) tensor per level, or [] where not needed), in one launch."""
-    block = 128
-    most_planes = max(x.shape[0] * x.shape[1] for x in xs)
-    _plane_sums_kernel[(len(xs), triton.cdiv(most_planes, block))](
+    _plane_sums_kernel[_plane_grid(xs)](
         partials_ptr=partials,
         table_ptr=launch.table,
         xa_ptr=x_aff[0],
@@ -1762,7 +1772,7 @@ def _plane_sums(launch: Launch, partials, xs, x_aff, y_aff, g_x_aff, g_y_aff):
         gya_ptr=g_y_aff[0] if g_y_aff else partials,
         NEED_X=bool(g_x_aff),
         NEED_Y=bool(g_y_aff),
-        BLOCK=block,
+        BLOCK=PLANE_BLOCK,
     )
 
 
