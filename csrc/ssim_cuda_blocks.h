@@ -217,6 +217,8 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
     if (!is_output(pw, lv.W, R, a.padding)) continue;
     T blurred[5][kStrip];
     for (int q = 0; q < 5; ++q) vertical_strip<T, R>(sm.maps + q * S::L * TILE, S::L, TILE, i0, j, taps, blurred[q]);
+    // unrolled: blurred[.][s] must stay in registers (a rolled loop puts it on the stack)
+    SSIMKD_UNROLL
     for (int s = 0; s < kStrip; ++s) {
       const int64_t ph = p.h0 + i0 + s;
       if (!is_output(ph, lv.H, R, a.padding)) continue;
