@@ -66,6 +66,10 @@ def project_candidates(device: torch.device, workload: str) -> dict:
         # loss, MS-SSIM (peers: pytorch-msssim's ssim and ms_ssim, L1 + its ssim).
         found["sk.fused_ssim"] = lambda s, t: 1 - sk.fused_ssim(s[0], t[0], padding="same")
         found["sk.l1_ssim_loss"] = lambda s, t: sk.l1_ssim_loss(s[0], t[0], ssim_weight=0.2)
+        # the same loss with its L1 term in torch beside the fused SSIM: what the fused term saves
+        found["sk.ssim + L1 in torch"] = lambda s, t: (
+            0.8 * (s[0] - t[0]).abs().mean() + 0.2 * (1 - sk.ssim(s[0], t[0], padding="zero"))
+        )
         found["sk.ms_ssim"] = lambda s, t: 1 - sk.ms_ssim(s[0], t[0], data_range=1.0)
     else:
         compiled = torch.compile(ssim_kd_loss_reference, dynamic=False)

@@ -133,6 +133,14 @@ void check_inputs(at::TensorList xs, at::TensorList ys, at::TensorList x_affines
   }
 }
 
+void check_scales(at::ArrayRef<double> level_scales, at::ArrayRef<double> level_l1_scales, size_t levels) {
+  TORCH_CHECK(level_scales.size() == levels, "ssimkd: one level scale per level is required: ", levels, " values, got ",
+              level_scales.size());
+  TORCH_CHECK(level_l1_scales.empty() || level_l1_scales.size() == levels,
+              "ssimkd: level_l1_scales must be empty or one per level: ", levels, " values, got ",
+              level_l1_scales.size());
+}
+
 // Where each level's losses start in level_losses, and their count at the end: one per level, or one
 // per plane (n, c) of each level with plane_sums.
 std::vector<int64_t> loss_offsets(at::TensorList xs, const Options& o) {
@@ -266,11 +274,11 @@ void launch(const FusedArgs& args, const at::Tensor& like, bool backward) {
 template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
     at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines, at::TensorList weights,
-    at::ArrayRef<double> level_scales, at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
-    bool write_map) {
+    at::ArrayRef<double> level_scales, at::ArrayRef<double> level_l1_scales,
+    at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool write_map) {
   const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_INIT)};
   check_inputs(xs, ys, x_affines, y_affines, weights, level_exponents, o);
-  TORCH_CHECK(level_scales.size() == xs.size(), "ssimkd: one level scale per level is required");
+  check_scales(level_scales, level_l1_scales, xs.size());
   const c10::OptionalDeviceGuard guard(xs[0].device());
   const auto acc_opts = xs[0].options().dtype(accumulation_type(xs[0].scalar_type()));
   const std::vector<int64_t> offsets = loss_offsets(xs, o);
@@ -287,8 +295,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd(
     for (size_t l = begin; l < end; ++l) {
       args.levels[l - begin].map = write_map ? maps[l].data_ptr() : nullptr;
       args.levels[l - begin].loss_scale = level_scales[l];
+      args.levels[l - begin].l1_scale = level_l1_scales.empty() ? 0.0 : level_l1_scales[l];
     }
-    at::Tensor partials = at::empty({args.total_tiles}, acc_opts);
+    at::Tensor partials = at::empty({args.total_tiles, 2}, acc_opts);
     args.tile_partials = partials.data_ptr();
     args.level_losses = static_cast<char*>(losses.data_ptr()) + offsets[begin] * losses.element_size();
     if constexpr (target == Target::kCudaEmulated) {
@@ -308,12 +317,12 @@ template <Target target>
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::TensorList xs, at::TensorList ys,
                at::TensorList x_affines, at::TensorList y_affines, at::TensorList weights,
-               at::ArrayRef<double> level_scales,
+               at::ArrayRef<double> level_scales, at::ArrayRef<double> level_l1_scales,
                at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool x_needs_grad,
                bool y_needs_grad) {
   const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_INIT)};
   check_inputs(xs, ys, x_affines, y_affines, weights, level_exponents, o);
-  TORCH_CHECK(level_scales.size() == xs.size(), "ssimkd: one level scale per level is required");
+  check_scales(level_scales, level_l1_scales, xs.size());
   const auto acc = accumulation_type(xs[0].scalar_type());
   const std::vector<int64_t> offsets = loss_offsets(xs, o);
   TORCH_CHECK(grad_losses.dim() == 1 && grad_losses.size(0) == offsets.back() && grad_losses.scalar_type() == acc &&
@@ -346,6 +355,7 @@ fused_ssim_bwd(const at::Tensor& grad_losses, at::TensorList grad_maps, at::Tens
       LevelDesc& lv = args.levels[l - begin];
       lv.grad_loss = static_cast<const char*>(grad_losses_c.data_ptr()) + offsets[l] * grad_losses_c.element_size();
       lv.loss_scale = level_scales[l];
+      lv.l1_scale = level_l1_scales.empty() ? 0.0 : level_l1_scales[l];
       lv.grad_map = grad_maps.empty() ? nullptr : grad_maps[l].data_ptr();
       lv.gx = x_needs_grad ? gxs[l].data_ptr() : nullptr;
       lv.gy = y_needs_grad ? gys[l].data_ptr() : nullptr;
@@ -510,12 +520,12 @@ using torch::autograd::variable_list;
 
 using FwdSignature = std::tuple<at::Tensor, std::vector<at::Tensor>>(
     at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::ArrayRef<double>,
-    at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool);
+    at::ArrayRef<double>, at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool);
 using BwdSignature =
     std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(
         const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-        at::TensorList, at::ArrayRef<double>, at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool,
-        bool);
+        at::TensorList, at::ArrayRef<double>, at::ArrayRef<double>,
+        at::ArrayRef<double> SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_TYPE), bool, bool);
 
 // Autograd saves its inputs with save_for_backward, which refuses tensors made under
 // torch.inference_mode() (a teacher's features, typically) since they have no version counter. Such
@@ -568,22 +578,25 @@ struct FusedOps {
   }
 };
 
-// Non-tensor arguments of fused_ssim_fwd after the five tensor lists: level_scales, level_exponents, the
-// scalar options and write_map. Their gradient slots are empty, as the weights' (constants of the loss).
-constexpr int kFwdNonTensorArgs = 2 + kOptionCount + 1;
+// Non-tensor arguments of fused_ssim_fwd after the five tensor lists: level_scales, level_l1_scales,
+// level_exponents, the scalar options and write_map. Their gradient slots are empty, as the weights'
+// (constants of the loss).
+constexpr int kFwdNonTensorArgs = 3 + kOptionCount + 1;
 
 template <Target target>
 class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<target>> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList xs, at::TensorList ys, at::TensorList x_affines,
                                at::TensorList y_affines, at::TensorList weights, at::ArrayRef<double> level_scales,
+                               at::ArrayRef<double> level_l1_scales,
                                at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
                                bool write_map) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [losses, maps] =
-        FusedOps<target>::forward().call(xs, ys, x_affines, y_affines, weights, level_scales,
+        FusedOps<target>::forward().call(xs, ys, x_affines, y_affines, weights, level_scales, level_l1_scales,
                                          level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
     ctx->saved_data["level_scales"] = level_scales.vec();
+    ctx->saved_data["level_l1_scales"] = level_l1_scales.vec();
     ctx->saved_data["level_exponents"] = level_exponents.vec();
 #define SSIMKD_SAVE_OPTION(type, name, schema) ctx->saved_data[#name] = name;
     SSIMKD_FUSED_OPTIONS(SSIMKD_SAVE_OPTION)
@@ -605,6 +618,7 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
     const Options o{SSIMKD_FUSED_OPTIONS(SSIMKD_LOAD_OPTION)};
 #undef SSIMKD_LOAD_OPTION
     const auto level_scales = ctx->saved_data["level_scales"].toDoubleVector();
+    const auto level_l1_scales = ctx->saved_data["level_l1_scales"].toDoubleVector();
     const auto level_exponents = ctx->saved_data["level_exponents"].toDoubleVector();
     const bool write_map = ctx->saved_data["write_map"].toBool();
     const auto counts = ctx->saved_data["counts"].toIntVector();
@@ -629,9 +643,9 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
     if (write_map) {
       for (int64_t l = 0; l < levels; ++l) grad_maps.push_back(grads[1 + l].to(acc).contiguous());
     }
-    auto [gxs, gys, gxa, gya] =
-        FusedOps<target>::backward().call(grad_losses, grad_maps, xs, ys, x_affines, y_affines, weights, level_scales,
-                                          level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_MEMBER), x_needs, y_needs);
+    auto [gxs, gys, gxa, gya] = FusedOps<target>::backward().call(
+        grad_losses, grad_maps, xs, ys, x_affines, y_affines, weights, level_scales, level_l1_scales,
+        level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_MEMBER), x_needs, y_needs);
     auto place = [&](const std::vector<at::Tensor>& computed, int64_t first) {
       for (size_t i = 0; i < computed.size(); ++i) out[first + i] = computed[i];
     };
@@ -650,10 +664,10 @@ class FusedSsimFunction : public torch::autograd::Function<FusedSsimFunction<tar
 template <Target target>
 std::tuple<at::Tensor, std::vector<at::Tensor>> fused_ssim_fwd_autograd(
     at::TensorList xs, at::TensorList ys, at::TensorList x_affines, at::TensorList y_affines, at::TensorList weights,
-    at::ArrayRef<double> level_scales, at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM),
-    bool write_map) {
+    at::ArrayRef<double> level_scales, at::ArrayRef<double> level_l1_scales,
+    at::ArrayRef<double> level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_PARAM), bool write_map) {
   const variable_list out =
-      FusedSsimFunction<target>::apply(xs, ys, x_affines, y_affines, weights, level_scales,
+      FusedSsimFunction<target>::apply(xs, ys, x_affines, y_affines, weights, level_scales, level_l1_scales,
                                        level_exponents SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_ARG), write_map);
   return {out[0], std::vector<at::Tensor>(out.begin() + 1, out.end())};
 }
@@ -731,11 +745,11 @@ void cuda_emulated_plant_bug_op(std::string bug, std::string site, int64_t value
 // One schema for every implementation, after the op's name.
 constexpr const char* kFwdSchema =
     "(Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, Tensor[] weights, "
-    "float[] level_scales, float[] level_exponents" SSIMKD_FUSED_OPTIONS(
+    "float[] level_scales, float[] level_l1_scales, float[] level_exponents" SSIMKD_FUSED_OPTIONS(
         SSIMKD_OPTION_SCHEMA) ", bool write_map) -> (Tensor, Tensor[])";
 constexpr const char* kBwdSchema =
     "(Tensor grad_losses, Tensor[] grad_maps, Tensor[] xs, Tensor[] ys, Tensor[] x_affines, Tensor[] y_affines, "
-    "Tensor[] weights, float[] level_scales, float[] level_exponents" SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_SCHEMA) ", bool x_needs_grad, bool y_needs_grad) "
+    "Tensor[] weights, float[] level_scales, float[] level_l1_scales, float[] level_exponents" SSIMKD_FUSED_OPTIONS(SSIMKD_OPTION_SCHEMA) ", bool x_needs_grad, bool y_needs_grad) "
     "-> (Tensor[], Tensor[], Tensor[], Tensor[])";
 
 TORCH_LIBRARY(ssimkd, m) {

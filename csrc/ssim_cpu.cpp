@@ -813,8 +813,43 @@ SSIMKD_INLINE void read_weight_row(const LevelDesc& lv, const TileCoord& tc, int
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward: one tile -> its sum of m (and its part of the SSIM map)
+// Forward: one tile -> its sums of m and of the L1 term (and its part of the SSIM map)
 // ------------------------------------------------------------------------------------------------
+
+// |v|, lane-wise (NaN stays NaN).
+template <typename T, int N>
+SSIMKD_INLINE Vec<T, N> abs_lanes(Vec<T, N> v) {
+  return where(v < Vec<T, N>(T(0)), -v, v);
+}
+
+// The L1 term of one tile: the sum of |x-hat - y-hat| over its pixels [t0, t1) x [t0, t1) (the tiles of a
+// plane hold each pixel once, whatever the padding), x-hat = scale * (x - offset) as everywhere. Read
+// from the planes, as the tile's load then reads them again (from cache): a valid-padding tile without
+// window centres loads nothing else. Summed in kLanes fixed lanes: every vector width gives the same bits.
+template <typename scalar_t, int N>
+SSIMKD_INLINE AccType<scalar_t> l1_tile_sum(const LevelDesc& lv, const TileCoord& tc,
+                                            const AxisPlan<AccType<scalar_t>>& rows,
+                                            const AxisPlan<AccType<scalar_t>>& cols, Workspace<AccType<scalar_t>>& ws) {
+  using T = AccType<scalar_t>;
+  using V = Vec<T, N>;
+  T x_scale, x_offset, y_scale, y_offset;
+  plane_affine(lv.x_affine, lv.x_affine_stride, tc.n, tc.c, &x_scale, &x_offset);
+  plane_affine(lv.y_affine, lv.y_affine_stride, tc.n, tc.c, &y_scale, &y_offset);
+  const scalar_t* x_plane = static_cast<const scalar_t*>(lv.x) + tc.n * lv.x_stride[0] + tc.c * lv.x_stride[1];
+  const scalar_t* y_plane = static_cast<const scalar_t*>(lv.y) + tc.n * lv.y_stride[0] + tc.c * lv.y_stride[1];
+  const int ow = int(cols.t1 - cols.t0), blocks = blocks_of(ow, N);
+  T* x_rel = ws.raw.data();
+  T* y_rel = x_rel + blocks * N;
+  const V vxs(x_scale), vys(y_scale);
+  LaneSums<T, N> sum;
+  for (int64_t h = rows.t0; h < rows.t1; ++h) {
+    read_row(x_plane + h * lv.x_stride[2] + cols.t0 * lv.x_stride[3], lv.x_stride[3], ow, blocks * N, x_offset, x_rel);
+    read_row(y_plane + h * lv.y_stride[2] + cols.t0 * lv.y_stride[3], lv.y_stride[3], ow, blocks * N, y_offset, y_rel);
+    for (int b = 0; b < blocks; ++b)
+      sum.add(b, abs_lanes(vxs * V::load(x_rel + b * N) - vys * V::load(y_rel + b * N)), ow - b * N);
+  }
+  return sum.total();
+}
 
 template <bool kDefault, typename scalar_t, int R, int N>
 SSIMKD_INLINE void forward_rows(const FusedArgs& a, const LevelDesc& lv, const TileCoord& tc,
@@ -856,16 +891,18 @@ SSIMKD_INLINE void forward_rows(const FusedArgs& a, const LevelDesc& lv, const T
   *tile_sum = total.total();
 }
 
+// tile_sums[0]: the tile's sum of w m; [1]: of |x-hat - y-hat| (0 without an L1 term).
 template <typename scalar_t, int R, int N>
 SSIMKD_INLINE void forward_tile(const FusedArgs& a, const LaunchPlans<AccType<scalar_t>>& plans, int64_t tile,
                                 Workspace<AccType<scalar_t>>& ws, const AccType<scalar_t>* taps,
-                                AccType<scalar_t>* tile_sum) {
+                                AccType<scalar_t>* tile_sums) {
   using T = AccType<scalar_t>;
   const TileCoord tc = locate_tile(a, tile);
   const LevelDesc& lv = a.levels[tc.level];
   const AxisPlan<T>& rows = plans.rows[tc.level][tc.th];
   const AxisPlan<T>& cols = plans.cols[tc.level][tc.tw];
-  *tile_sum = T(0);
+  tile_sums[0] = T(0);
+  tile_sums[1] = lv.l1_scale != 0.0 ? l1_tile_sum<scalar_t, N>(lv, tc, rows, cols, ws) : T(0);
   if (rows.c1 == rows.c0 || cols.c1 == cols.c0) return;  // valid padding: no window centre in this tile
   PhaseTimer timer(false);
   Vec<T, N> g[2 * R + 1];
@@ -875,9 +912,9 @@ SSIMKD_INLINE void forward_tile(const FusedArgs& a, const LaunchPlans<AccType<sc
   horizontal_pass<R>(ws, rows, cols, g);
   timer.lap(kPhaseHorizontal);
   if (default_exponents(lv)) {
-    forward_rows<true, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sum);
+    forward_rows<true, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sums);
   } else {
-    forward_rows<false, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sum);
+    forward_rows<false, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sums);
   }
   timer.lap(kPhaseRows);
 }
@@ -958,12 +995,21 @@ SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const 
   }
 }
 
+// The L1 term's share of dL/dx-hat: grad * sign(x-hat - y-hat) (minus that in dL/dy-hat), where `on`.
+template <typename T>
+struct L1Gradient {
+  bool on;
+  T grad;  // dL/d(loss) * l1_scale
+  T x_scale, y_scale;
+};
+
 // One target row: the vertical transposed pass over its window rows (from p, map 0) with the
 // taps (kPlain) or the row's weights w, then dL/dx-hat = W^T a_x + 2 x W^T b_x + y W^T c (and the
 // mirror for y), and the per-lane sums for d scale and d offset.
 template <bool kPlain, bool kNeedY, int R, int N, typename T>
 SSIMKD_INLINE void target_row(const T* p, const Vec<T, N>* w, int blocks, int ow, const T* xh, const T* yh,
-                              const T* x_raw, const T* y_raw, T* gx_hat, T* gy_hat, LaneSums<T, N>* sums) {
+                              const T* x_raw, const T* y_raw, const L1Gradient<T>& l1, T* gx_hat, T* gy_hat,
+                              LaneSums<T, N>* sums) {
   using V = Vec<T, N>;
   using G = Geometry<R, N>;
   constexpr int64_t kMap = G::kTransposedMap;
@@ -975,12 +1021,17 @@ SSIMKD_INLINE void target_row(const T* p, const Vec<T, N>* w, int blocks, int ow
       blurred[m] =
           kPlain ? symmetric_blur<R, G::kTargets>(at + m * kMap, w) : weighted_blur<R, G::kTargets>(at + m * kMap, w);
     const V xv = V::load(xh + b * N), yv = V::load(yh + b * N);
-    const V gxh = blurred[0] + V(T(2)) * xv * blurred[1] + yv * blurred[2];
+    V g_l1(T(0));
+    if (l1.on) {  // l1.grad * sign(x-hat - y-hat), 0 where they are equal (compared: see l1_sign)
+      const V x_hat = V(l1.x_scale) * V::load(x_raw + b * N), y_hat = V(l1.y_scale) * V::load(y_raw + b * N);
+      g_l1 = where(x_hat > y_hat, V(l1.grad), where(x_hat < y_hat, V(-l1.grad), V(T(0))));
+    }
+    const V gxh = blurred[0] + V(T(2)) * xv * blurred[1] + yv * blurred[2] + g_l1;
     gxh.store(gx_hat + b * N);
     sums[0].add_product(b, gxh, V::load(x_raw + b * N), valid);
     sums[1].add(b, gxh, valid);
     if (kNeedY) {
-      const V gyh = blurred[3] + V(T(2)) * yv * blurred[4] + xv * blurred[2];
+      const V gyh = blurred[3] + V(T(2)) * yv * blurred[4] + xv * blurred[2] - g_l1;
       gyh.store(gy_hat + b * N);
       sums[2].add_product(b, gyh, V::load(y_raw + b * N), valid);
       sums[3].add(b, gyh, valid);
@@ -995,7 +1046,8 @@ template <typename scalar_t, int R, int N>
 SSIMKD_INLINE void backward_targets(const LevelDesc& lv, const TileCoord& tc, const AxisPlan<AccType<scalar_t>>& rows,
                                     const AxisPlan<AccType<scalar_t>>& cols, Workspace<AccType<scalar_t>>& ws,
                                     const Vec<AccType<scalar_t>, N>* g, const AccType<scalar_t>* taps,
-                                    const TileInputs<AccType<scalar_t>>& in, bool need_y, scalar_t* gx, scalar_t* gy,
+                                    const TileInputs<AccType<scalar_t>>& in, bool need_y,
+                                    const L1Gradient<AccType<scalar_t>>& l1, scalar_t* gx, scalar_t* gy,
                                     AccType<scalar_t>* partial) {
   using T = AccType<scalar_t>;
   using V = Vec<T, N>;
@@ -1021,7 +1073,7 @@ SSIMKD_INLINE void backward_targets(const LevelDesc& lv, const TileCoord& tc, co
       w[k] = V(wk);
     }
     read_row(x_plane + h * lv.x_stride[2] + cols.t0 * lv.x_stride[3], lv.x_stride[3], ow, ts, in.x_offset, x_raw);
-    if (need_y)
+    if (need_y || l1.on)
       read_row(y_plane + h * lv.y_stride[2] + cols.t0 * lv.y_stride[3], lv.y_stride[3], ow, ts, in.y_offset, y_raw);
     const T* window = ws.transposed.data() + int64_t(q) * G::kTargets;
     const int64_t loaded = (h - rows.s0) * width + first_col;
@@ -1030,14 +1082,14 @@ SSIMKD_INLINE void backward_targets(const LevelDesc& lv, const TileCoord& tc, co
     const int blocks = cols.target_blocks;
     if (need_y) {
       if (plain) {
-        target_row<true, true, R>(window, g, blocks, ow, xh, yh, x_raw, y_raw, gx_hat, gy_hat, sums);
+        target_row<true, true, R>(window, g, blocks, ow, xh, yh, x_raw, y_raw, l1, gx_hat, gy_hat, sums);
       } else {
-        target_row<false, true, R>(window, w, blocks, ow, xh, yh, x_raw, y_raw, gx_hat, gy_hat, sums);
+        target_row<false, true, R>(window, w, blocks, ow, xh, yh, x_raw, y_raw, l1, gx_hat, gy_hat, sums);
       }
     } else if (plain) {
-      target_row<true, false, R>(window, g, blocks, ow, xh, yh, x_raw, y_raw, gx_hat, gy_hat, sums);
+      target_row<true, false, R>(window, g, blocks, ow, xh, yh, x_raw, y_raw, l1, gx_hat, gy_hat, sums);
     } else {
-      target_row<false, false, R>(window, w, blocks, ow, xh, yh, x_raw, y_raw, gx_hat, gy_hat, sums);
+      target_row<false, false, R>(window, w, blocks, ow, xh, yh, x_raw, y_raw, l1, gx_hat, gy_hat, sums);
     }
     if (gx) write_row(gx_hat, in.x_scale, ow, gx + h * lv.gx_stride[2] + cols.t0 * lv.gx_stride[3], lv.gx_stride[3]);
     if (gy) write_row(gy_hat, in.y_scale, ow, gy + h * lv.gy_stride[2] + cols.t0 * lv.gy_stride[3], lv.gy_stride[3]);
@@ -1059,7 +1111,9 @@ SSIMKD_INLINE void backward_tile(const FusedArgs& a, const LaunchPlans<AccType<s
   scalar_t* gx = lv.gx ? static_cast<scalar_t*>(lv.gx) + tc.n * lv.gx_stride[0] + tc.c * lv.gx_stride[1] : nullptr;
   scalar_t* gy = lv.gy ? static_cast<scalar_t*>(lv.gy) + tc.n * lv.gy_stride[0] + tc.c * lv.gy_stride[1] : nullptr;
   for (int k = 0; k < 4; ++k) partial[k] = T(0);
-  if (rows.c1 == rows.c0 || cols.c1 == cols.c0) {  // no window reaches this tile: a zero gradient
+  // No window reaches this tile: a zero gradient. (A guard: a plane the op accepts always has centres
+  // within r of every tile, so the L1 term, which this would miss, never meets it.)
+  if (rows.c1 == rows.c0 || cols.c1 == cols.c0) {
     const int oh = int(rows.t1 - rows.t0), ow = int(cols.t1 - cols.t0);
     for (int q = 0; q < oh; ++q) {
       const int64_t h = rows.t0 + q;
@@ -1084,8 +1138,10 @@ SSIMKD_INLINE void backward_tile(const FusedArgs& a, const LaunchPlans<AccType<s
     backward_rows<false, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, n_coeff);
   }
   timer.lap(kPhaseRows);
-  // Pass 3: per target row, the vertical transposed pass and the gradients.
-  backward_targets<scalar_t, R, N>(lv, tc, rows, cols, ws, g, taps, in, need_y, gx, gy, partial);
+  // Pass 3: per target row, the vertical transposed pass and the gradients (with the L1 term's).
+  const T grad_loss = static_cast<const T*>(lv.grad_loss)[a.plane_sums ? tc.plane : 0];
+  const L1Gradient<T> l1{lv.l1_scale != 0.0, grad_loss * T(lv.l1_scale), in.x_scale, in.y_scale};
+  backward_targets<scalar_t, R, N>(lv, tc, rows, cols, ws, g, taps, in, need_y, l1, gx, gy, partial);
   timer.lap(kPhaseTargets);
 }
 
@@ -1148,7 +1204,7 @@ void run_tiles_on(const FusedArgs& a, bool backward) {
   if (backward) {
     run_tiles<T, R, N>(a, true, 4, &Fns::template backward<scalar_t, R>);
   } else {
-    run_tiles<T, R, N>(a, false, 1, &Fns::template forward<scalar_t, R>);
+    run_tiles<T, R, N>(a, false, 2, &Fns::template forward<scalar_t, R>);
   }
 }
 
@@ -1173,10 +1229,11 @@ void forward_impl(const FusedArgs& a) {
     const int64_t per_plane = lv.tiles_h * lv.tiles_w, planes = lv.N * lv.C;
     const int64_t sums = a.plane_sums ? planes : 1, per_sum = a.plane_sums ? per_plane : planes * per_plane;
     for (int64_t k = 0; k < sums; ++k) {
-      SecondStageSum total = 0.0;
-      const T* p = partials + lv.tile_begin + k * per_sum;
-      for (int64_t t = 0; t < per_sum; ++t) total += SecondStageSum(p[t]);
-      losses[lv.loss_begin + k] = T(total * lv.loss_scale);
+      SecondStageSum total[2] = {0.0, 0.0};
+      const T* p = partials + 2 * (lv.tile_begin + k * per_sum);
+      for (int64_t t = 0; t < per_sum; ++t)
+        for (int j = 0; j < 2; ++j) total[j] += SecondStageSum(p[2 * t + j]);
+      losses[lv.loss_begin + k] = T(level_loss(lv, total[0], total[1]));
     }
   }
 }

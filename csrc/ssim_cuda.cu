@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) ssim_bwd_kernel(const __grid_constan
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) level_sum_kernel(const __grid_constant__ FusedArgs args) {
-  __shared__ SecondStageSum scratch[kThreads];
+  __shared__ SecondStageSum scratch[2 * kThreads];
   level_sum_block<T>(Thread{int(threadIdx.x), int(blockDim.x)}, args, int(blockIdx.x), scratch);
 }
 

@@ -78,14 +78,17 @@ SSIMKD_DEVICE TilePlane<scalar_t, T> tile_plane(const FusedArgs& a, int64_t tile
 // The L x L region whose top-left pixel is (row0, col0), normalised, through the padding's index map,
 // into xs / ys; then both are centred on their means (cx, cy returned through `means`). Any shift
 // keeps the math exact (ssim_math.h, moments_from_blurred); the region mean is near every window's
-// mean, which keeps float32 variances from cancelling.
+// mean, which keeps float32 variances from cancelling. With `l1` (the forward's L1 term), returns the
+// thread's sum of |x-hat - y-hat| over the tile's own pixels: region rows and columns [halo, halo + side)
+// inside the plane, so that the tiles of a plane count each pixel once, whatever the padding (else 0).
 template <typename scalar_t, typename T>
-SSIMKD_DEVICE void load_centred_region(const Thread& th, const FusedArgs& a, const TilePlane<scalar_t, T>& p,
-                                       int64_t row0, int64_t col0, int L, Shared<T> xs, Shared<T> ys, Shared<T> scratch,
-                                       Shared<T> means) {
+SSIMKD_DEVICE T load_centred_region(const Thread& th, const FusedArgs& a, const TilePlane<scalar_t, T>& p, int64_t row0,
+                                    int64_t col0, int L, Shared<T> xs, Shared<T> ys, Shared<T> scratch, Shared<T> means,
+                                    bool l1 = false, int halo = 0, int side = 0) {
   const LevelDesc& lv = *p.lv;
   const int rows = L + SSIMKD_PLANTED(kHaloRows);  // L (a test of the emulation plants an off-by-one here)
   T sums[2] = {T(0), T(0)};
+  T l1_sum = T(0);
   for (int idx = th.tid; idx < rows * L; idx += th.nthreads) {
     const int i = idx / L, j = idx - (idx / L) * L;
     const int64_t r = source_index(row0 + i, lv.H, a.padding);
@@ -94,6 +97,12 @@ SSIMKD_DEVICE void load_centred_region(const Thread& th, const FusedArgs& a, con
     if (r >= 0 && c >= 0) {
       xv = p.x_scale * (static_cast<T>(p.x(r, c)) - p.x_offset);
       yv = p.y_scale * (static_cast<T>(p.y(r, c)) - p.y_offset);
+      const bool own = i >= halo && i < halo + side && row0 + i < lv.H && j >= halo && j < halo + side &&
+                       col0 + j < lv.W;  // row0 + halo, col0 + halo: the tile's first pixel, in the plane
+      if (l1 && own) {
+        const T d = xv - yv;
+        l1_sum += d < T(0) ? -d : d;
+      }
     }
     xs[idx] = xv;
     ys[idx] = yv;
@@ -113,6 +122,7 @@ SSIMKD_DEVICE void load_centred_region(const Thread& th, const FusedArgs& a, con
     means[1] = cy;
   }
   SSIMKD_SYNC();
+  return l1_sum;
 }
 
 // For rows [0, rows) of the centred region (row length L), the five blurred maps x, y, x^2, y^2, xy
@@ -173,7 +183,7 @@ struct ForwardSmem {
 
   Shared<T> xs, ys;   // the centred region
   Shared<T> maps;     // horizontal pass: 5 maps of L rows x TILE columns
-  Shared<T> scratch;  // block_sum: 2 x kThreads (the load's two sums)
+  Shared<T> scratch;  // block_sum: 2 x kThreads (the load's two sums, the tile's two)
   Shared<T> means;    // the centring shift (cx, cy)
   SSIMKD_DEVICE explicit ForwardSmem(SharedMemory<T> smem)
       : xs(carve(smem, kX, kY, "xs")),
@@ -196,8 +206,10 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
   T taps[2 * R + 1];
   for (int k = 0; k <= 2 * R; ++k) taps[k] = T(a.taps[k]);
 
-  SSIMKD_STAGE("load");  // the tile plus an r halo, centred
-  load_centred_region<scalar_t, T>(th, a, p, p.h0 - R, p.w0 - R, S::L, sm.xs, sm.ys, sm.scratch, sm.means);
+  SSIMKD_STAGE("load");            // the tile plus an r halo, centred; the L1 term of the tile's pixels
+  T thread_sum[2] = {T(0), T(0)};  // the thread's sums of w m and of |x-hat - y-hat|
+  thread_sum[1] = load_centred_region<scalar_t, T>(th, a, p, p.h0 - R, p.w0 - R, S::L, sm.xs, sm.ys, sm.scratch,
+                                                   sm.means, lv.l1_scale != 0.0, R, TILE);
   const T cx = sm.means[0], cy = sm.means[1];
 
   SSIMKD_STAGE("horizontal pass");  // all L region rows, TILE output columns
@@ -209,7 +221,6 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
   const int64_t offset = a.padding == kValid ? R : 0;
   const GlobalPlane<T> map = contiguous_plane<T>(lv.map, p.tc.plane, out_h, out_w);
   const GlobalPlane<const T> weight = strided_plane<const T>(lv.weight, lv.weight_stride, p.tc.n, p.tc.c);
-  T thread_sum[1] = {T(0)};
   constexpr int strips = TILE / kStrip;
   for (int item = th.tid; item < strips * TILE; item += th.nthreads) {
     const int i0 = (item / TILE) * kStrip, j = item - (item / TILE) * TILE;
@@ -231,8 +242,8 @@ SSIMKD_DEVICE void forward_block(const Thread& th, const FusedArgs& a, int64_t t
     }
   }
 
-  SSIMKD_STAGE("reduce");  // the tile's sum
-  block_sum(th, thread_sum, sm.scratch, global_array<T>(a.tile_partials) + tile);
+  SSIMKD_STAGE("reduce");  // the tile's two sums
+  block_sum(th, thread_sum, sm.scratch, global_array<T>(a.tile_partials) + 2 * tile);
 }
 
 // ================================================================================================
@@ -301,7 +312,8 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
   SSIMKD_SYNC();
 
   SSIMKD_STAGE("vertical pass");  // statistics on the LS x LS centres, the coefficient maps there
-  const T grad_scale = global_array<const T>(lv.grad_loss)[a.plane_sums ? p.tc.plane : 0] * T(lv.loss_scale);
+  const T grad_loss = global_array<const T>(lv.grad_loss)[a.plane_sums ? p.tc.plane : 0];
+  const T grad_scale = grad_loss * T(lv.loss_scale);
   const int64_t out_h = output_extent(lv.H, R, a.padding), out_w = output_extent(lv.W, R, a.padding);
   const int64_t offset = a.padding == kValid ? R : 0;
   const GlobalPlane<const T> grad_map = contiguous_plane<const T>(lv.grad_map, p.tc.plane, out_h, out_w);
@@ -358,6 +370,8 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
   // dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c (and the mirror for y), dL/dx = scale dL/dx-hat;
   // per-thread sums for d scale, d offset of both inputs
   SSIMKD_STAGE("blur back vertically");
+  const bool l1 = lv.l1_scale != 0.0;
+  const T l1_grad = grad_loss * T(lv.l1_scale);  // the L1 term's dL/dx-hat per unit of sign(x-hat - y-hat)
   const GlobalPlane<scalar_t> gx = strided_plane<scalar_t>(lv.gx, lv.gx_stride, p.tc.n, p.tc.c);
   const GlobalPlane<scalar_t> gy = strided_plane<scalar_t>(lv.gy, lv.gy_stride, p.tc.n, p.tc.c);
   // W (a test of the emulation plants an off-by-one here)
@@ -387,12 +401,13 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
       const T y_rel = static_cast<T>(p.y(h, w)) - p.y_offset;
       const T xc = p.x_scale * x_rel - cx;
       const T yc = p.y_scale * y_rel - cy;
-      const T gx_hat = back[0][s] + T(2) * xc * back[1][s] + yc * back[2][s];
+      const T g_l1 = l1 ? l1_grad * l1_sign(p.x_scale * x_rel, p.y_scale * y_rel) : T(0);
+      const T gx_hat = back[0][s] + T(2) * xc * back[1][s] + yc * back[2][s] + g_l1;
       sums[0] += gx_hat * x_rel;
       sums[1] += gx_hat;
       if (gx) gx(h, w) = static_cast<scalar_t>(p.x_scale * gx_hat);
       if (need_y) {
-        const T gy_hat = back[3][s] + T(2) * yc * back[4][s] + xc * back[2][s];
+        const T gy_hat = back[3][s] + T(2) * yc * back[4][s] + xc * back[2][s] - g_l1;
         sums[2] += gy_hat * y_rel;
         sums[3] += gy_hat;
         if (gy) gy(h, w) = static_cast<scalar_t>(p.y_scale * gy_hat);
@@ -408,8 +423,8 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
 // Second stage: fixed-order sums of the tile partials
 // ================================================================================================
 
-// One block per level: loss_scale * (sum of the level's tile sums), in SecondStageSum (ssim_params.h);
-// with plane_sums, one thread per plane: loss_scale * (its tiles' sums in order).
+// One block per level: level_loss of the sums of the level's tile sums, in SecondStageSum (ssim_params.h);
+// with plane_sums, one thread per plane: level_loss of its tiles' sums in order. scratch: 2 x nthreads.
 template <typename T>
 SSIMKD_DEVICE void level_sum_block(const Thread& th, const FusedArgs& a, int level, Shared<SecondStageSum> scratch) {
   SSIMKD_STAGE("level sum");
@@ -419,18 +434,20 @@ SSIMKD_DEVICE void level_sum_block(const Thread& th, const FusedArgs& a, int lev
   const int64_t per_plane = lv.tiles_h * lv.tiles_w, planes = lv.N * lv.C;
   if (a.plane_sums) {
     for (int64_t plane = th.tid; plane < planes; plane += th.nthreads) {
-      SecondStageSum sum = 0.0;
-      for (int64_t t = 0; t < per_plane; ++t) sum += SecondStageSum(partials[lv.tile_begin + plane * per_plane + t]);
-      losses[lv.loss_begin + plane] = T(sum * lv.loss_scale);
+      SecondStageSum sum[2] = {0.0, 0.0};
+      for (int64_t t = lv.tile_begin + plane * per_plane; t < lv.tile_begin + (plane + 1) * per_plane; ++t)
+        for (int k = 0; k < 2; ++k) sum[k] += SecondStageSum(partials[2 * t + k]);
+      losses[lv.loss_begin + plane] = T(level_loss(lv, sum[0], sum[1]));
     }
     return;
   }
   const int64_t end = lv.tile_begin + planes * per_plane;
-  SecondStageSum sum[1] = {0.0};
-  for (int64_t t = lv.tile_begin + th.tid; t < end; t += th.nthreads) sum[0] += SecondStageSum(partials[t]);
-  SecondStageSum total[1];
+  SecondStageSum sum[2] = {0.0, 0.0};
+  for (int64_t t = lv.tile_begin + th.tid; t < end; t += th.nthreads)
+    for (int k = 0; k < 2; ++k) sum[k] += SecondStageSum(partials[2 * t + k]);
+  SecondStageSum total[2];
   block_sum(th, sum, scratch, total);
-  if (th.tid == 0) losses[lv.loss_begin] = T(total[0] * lv.loss_scale);
+  if (th.tid == 0) losses[lv.loss_begin] = T(level_loss(lv, total[0], total[1]));
 }
 
 // One thread per plane of a level: its tiles' four sums in order, in SecondStageSum (ssim_params.h)

@@ -643,9 +643,9 @@ void ssim_fwd_cuda_emulated(const FusedArgs& args, const std::vector<TensorExten
                        [&](const Thread& th, int64_t block, SharedMemory<T> smem) {
                          forward_block<scalar_t, R>(th, args, block, smem);
                        });
-    emu::run_kernel<SecondStageSum>(emu::kernel_label<T>("level_sum_kernel"), args.num_levels, kThreads,
+    emu::run_kernel<SecondStageSum>(emu::kernel_label<T>("level_sum_kernel"), args.num_levels, 2 * kThreads,
                                     [&](const Thread& th, int64_t block, SharedMemory<SecondStageSum> smem) {
-                                      level_sum_block<T>(th, args, int(block), carve(smem, 0, kThreads, "scratch"));
+                                      level_sum_block<T>(th, args, int(block), carve(smem, 0, 2 * kThreads, "scratch"));
                                     });
   });
 }

@@ -42,7 +42,9 @@ struct LevelDesc {
   int64_t x_affine_stride[3];  // element strides of x_affine (n, c, k): broadcast views need no copy
   int64_t y_affine_stride[3];
   double loss_scale;          // a loss output = loss_scale * (sum of w m over the level, or over one of its
-                              // planes with plane_sums), e.g. 1 / (N C Ho Wo)
+                              // planes with plane_sums), e.g. 1 / (N C Ho Wo), + the L1 term below
+  double l1_scale;            // ... + l1_scale * (the same region's sum of |x-hat - y-hat| over every pixel,
+                              // whatever the padding); 0 = no L1 term (l1_ssim_loss: (1 - w) / (N C H W))
   int64_t loss_begin;         // the level's first entry of level_losses: its sum's, or its plane 0's
   double alpha, beta, gamma;  // the level's exponents of l, c, s (MS-SSIM: (0, 1, 1) but at the coarsest)
   const void* weight;         // [N, C, Ho, Wo] per-pixel weight w of m (a mask), acc; null = 1 everywhere
@@ -76,20 +78,36 @@ struct FusedArgs {
   double c1, c2;            // SsimParams::c1, c2
   bool clamp;
   bool plane_sums;      // one loss per plane (n, c) of each level instead of one per level
-  void* tile_partials;  // scratch, acc: forward [total_tiles] sums of w m; backward [total_tiles, 4] sums
-                        // of (gx_hat * (x - x_offset), gx_hat, gy_hat * (y - y_offset), gy_hat) per tile
-  void* level_losses;   // forward output, acc: per level (at its loss_begin) loss_scale * its sum of w m, or
-                        // with plane_sums per plane of each level loss_scale * the plane's sum of w m
+  void* tile_partials;  // scratch, acc: forward [total_tiles, 2] sums of (w m, |x-hat - y-hat|) per tile;
+                        // backward [total_tiles, 4] sums of (gx_hat * (x - x_offset), gx_hat,
+                        // gy_hat * (y - y_offset), gy_hat) per tile
+  void* level_losses;   // forward output, acc: per level (at its loss_begin) loss_scale * its sum of w m
+                        // + l1_scale * its sum of |x-hat - y-hat|, or with plane_sums the same per plane
 };
 
 // The second stage, the same on every backend (CPU, CUDA, Triton): a level's loss is the sum of its
 // tile partials, and a plane's four affine-gradient sums the sums over its tiles, each accumulated in
-// double (SecondStageSum) and rounded once to the accumulation type: the loss after multiplying by
-// loss_scale in double, the affine gradient before affine_gradient. Order, fixed per backend: a
+// double (SecondStageSum) and rounded once to the accumulation type: the loss after the scales in double
+// (level_loss, below), the affine gradient before affine_gradient. Order, fixed per backend: a
 // plane's tiles in index order; a level's on the CPU in index order, with CUDA block-strided then a
 // tree, with Triton by chunks of 256 (tl.sum) added in order. In double the order can change the
 // rounded result only when a sum lies within double rounding error of a rounding boundary.
 using SecondStageSum = double;
+
+// A loss output from its region's two double sums (of w m, of |x-hat - y-hat|), rounded once. Without an
+// L1 term it is loss_scale * the first, bit for bit.
+SSIMKD_HD double level_loss(const LevelDesc& lv, SecondStageSum sum_m, SecondStageSum sum_l1) {
+  return lv.l1_scale == 0.0 ? sum_m * lv.loss_scale : sum_m * lv.loss_scale + sum_l1 * lv.l1_scale;
+}
+
+// The sign of x-hat - y-hat, 0 where they are equal (as torch's abs' gradient): the L1 term's gradient
+// in x-hat per unit of l1_scale * dL/d(loss), -1 times that in y-hat. Compared, not subtracted: a
+// compiler may fuse scale * x - scale * y into one FMA, which leaves a rounding residue where the
+// two are equal.
+template <typename T>
+SSIMKD_HD T l1_sign(T x_hat, T y_hat) {
+  return T(x_hat > y_hat) - T(x_hat < y_hat);
+}
 
 // Whether a level's exponents are (1, 1, 1): the closed form A1 A2 / (B1 B2), chosen per level.
 SSIMKD_HD bool default_exponents(const LevelDesc& lv) {

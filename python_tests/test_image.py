@@ -179,6 +179,29 @@ def test_l1_ssim_loss_matches_the_3dgs_formula(any_backend, padding):
         sk.l1_ssim_loss(x, y, ssim_weight=1.5)
 
 
+@pytest.mark.parametrize("ssim_weight", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("padding", ["zero", "valid"])
+def test_l1_ssim_loss_over_several_tiles_with_ties(any_backend, padding, ssim_weight):
+    """The fused L1 term counts every pixel once across tiles (CPU 64, CUDA 32) and strips (Triton: 300
+    columns are two), including valid padding's border rows and a bottom tile row without window centres
+    (68 = 64 + 4 rows); pixels where x = y get a zero L1 gradient, as torch's abs gives; w = 0 and 1 too."""
+    device = device_of(any_backend)
+    x, y = images((1, 2, 68, 300), device=device)
+    with torch.no_grad():
+        y[:, :, 10:14] = x[:, :, 10:14]
+        y[:, 1, :, 290:] = x[:, 1, :, 290:]
+    check_against(
+        lambda a, b: sk.l1_ssim_loss(a, b, ssim_weight=ssim_weight, padding=padding, backend=any_backend),
+        lambda a, b: (
+            (1 - ssim_weight) * (a - b).abs().mean()
+            + ssim_weight * (1 - ssim_and_cs_maps(a, b, padding=padding)[0].mean())
+        ),
+        (x, y),
+        rtol=2e-6,
+        name=f"l1_ssim_loss {padding} w={ssim_weight}",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # ms_ssim
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ def _op_args(backend, write_map, affine: bool, weighted: bool = False):
         weights = [torch.rand(n, 1, h, w, device=students[0].device).expand(n, c, h, w), torch.rand_like(students[1])]
     options = KernelOptions(**{**OPTIONS.__dict__, "plane_sums": weighted})  # and one loss per plane
     exponents = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0] if weighted else []  # and each level its own exponents
-    return (students, teachers, affines, affines, weights, [0.1, 0.2], exponents, *options.as_args(), write_map)
+    l1_scales = [0.3, 0.05] if weighted else []  # and an L1 term
+    args = (students, teachers, affines, affines, weights, [0.1, 0.2], l1_scales, exponents)
+    return (*args, *options.as_args(), write_map)
 
 
 @pytest.mark.parametrize("write_map", [False, True])
@@ -46,11 +48,11 @@ def test_opcheck(backend, write_map, affine, weighted):
 def test_opcheck_backward(backend, write_map, affine, needs):
     """The backward ops as torch sees them: schema, fake kernel, no input mutated, no aliasing."""
     fwd_name, bwd_name = _OP_PAIRS[backend]
-    students, teachers, x_affines, y_affines, weights, level_scales, exponents, *rest = _op_args(
+    students, teachers, x_affines, y_affines, weights, level_scales, l1_scales, exponents, *rest = _op_args(
         backend, write_map, affine, weighted=affine
     )
     options, write = rest[:-1], rest[-1]
-    inputs = (students, teachers, x_affines, y_affines, weights, level_scales, exponents)
+    inputs = (students, teachers, x_affines, y_affines, weights, level_scales, l1_scales, exponents)
     with torch.no_grad():
         losses, maps = _op(fwd_name)(*inputs, *options, write)
     grad_losses = torch.rand_like(losses)
@@ -186,3 +188,42 @@ def test_every_backend_defines_one_schema(direction):
     assert tuple(names[first : first + _OPTION_COUNT]) == tuple(f.name for f in fields(KernelOptions))
     if direction == 0:
         assert names[_FWD_OPTIONS] == [f.name for f in fields(KernelOptions)]
+
+
+@pytest.mark.parametrize("plane_sums", [False, True], ids=["level-sums", "plane-sums"])
+@pytest.mark.parametrize("padding", ["zero", "valid"])
+def test_l1_scales_add_the_l1_term_in_the_fused_pass(backend, padding, plane_sums):
+    """level_l1_scales[l] * sum |x-hat - y-hat| over every pixel of the level (or plane), whatever the
+    padding, is added to its loss in the same pass; its gradient (sign 0 where x-hat = y-hat, as torch's
+    abs) reaches both inputs and both affines. Against the op without the term plus the term in torch."""
+    from ssimkd_kernels._constants import PADDING_CODES
+
+    options = KernelOptions(
+        **{**OPTIONS.__dict__, "padding": PADDING_CODES[padding], "clamp": False, "plane_sums": plane_sums}
+    )
+    device = device_of(backend)
+    students, teachers = sample_levels([(13, 17), (12, 40)], device=device, requires_grad=False)
+    with torch.no_grad():  # ties: rows where student and teacher agree exactly
+        teachers[0][:, :, :3] = students[0][:, :, :3]
+    students = [s.requires_grad_() for s in students]
+    teachers = [t.requires_grad_() for t in teachers]
+    affines = [  # one affine for both inputs keeps the ties exact in x-hat
+        (torch.rand(s.shape[0], s.shape[1], 2, device=device) + 0.5).requires_grad_() for s in students
+    ]
+    scales, l1_scales = [0.5, 2.0], [0.25, 3.0]
+    inputs = students + teachers + affines
+    losses, _ = fused_ssim(backend, students, teachers, affines, affines, scales, options, level_l1_scales=l1_scales)
+    cotangent = torch.rand(losses.shape, device=device)
+    grads = torch.autograd.grad(losses, inputs, cotangent)
+
+    ssim_part, _ = fused_ssim(backend, students, teachers, affines, affines, scales, options)
+    l1_sums = []
+    for x, y, a, k in zip(students, teachers, affines, l1_scales):
+        scale, offset = a[..., 0, None, None], a[..., 1, None, None]
+        l1_sums.append(k * (scale * (x - offset) - scale * (y - offset)).abs().sum(dim=(2, 3)))
+    l1_part = torch.cat([s.flatten() for s in l1_sums]) if plane_sums else torch.stack([s.sum() for s in l1_sums])
+    expected = ssim_part + l1_part
+    expected_grads = torch.autograd.grad(expected, inputs, cotangent)
+    assert torch.allclose(losses, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)

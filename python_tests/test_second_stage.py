@@ -24,14 +24,32 @@ def _table(**columns) -> torch.Tensor:
     return table.to(_device())
 
 
-def test_level_sum_accumulates_in_double():
-    partials = torch.tensor(CANCELLING, dtype=torch.float32, device=_device())
+@pytest.mark.parametrize("has_l1", [False, True])
+def test_level_sum_accumulates_in_double(has_l1):
+    # partials [pairs, 2]: (sum of w m, sum of |x-hat - y-hat|); the second column counts only with HAS_L1
+    partials = torch.tensor(CANCELLING, dtype=torch.float32)
     assert partials.sum(dtype=torch.float32).item() != 2.0  # the case float32 gets wrong
-    scales = torch.tensor([0.5], dtype=torch.float64, device=_device())
+    partials = torch.stack([partials, 3.0 * partials], dim=1).to(_device())
+    scales = torch.tensor([[0.5, 0.25]], dtype=torch.float64, device=_device())  # (loss_scale, l1_scale)
     out = torch.full((1,), float("nan"), dtype=torch.float32, device=_device())
     table = _table(COL_PAIR_BEGIN=0, COL_PAIRS=len(CANCELLING))
-    tk._level_sum_kernel[(1,)](partials_ptr=partials, table_ptr=table, scales_ptr=scales, out_ptr=out, CHUNK=2)
-    assert out.item() == 1.0  # 0.5 * 2, rounded once
+    tk._level_sum_kernel[(1,)](
+        partials_ptr=partials, table_ptr=table, scales_ptr=scales, out_ptr=out, CHUNK=2, HAS_L1=has_l1
+    )
+    assert out.item() == (1.0 + 1.5 if has_l1 else 1.0)  # 0.5 * 2 (+ 0.25 * 6), rounded once
+
+
+def test_plane_losses_accumulate_in_double_with_the_l1_term():
+    strips = len(CANCELLING)
+    m = torch.tensor(CANCELLING * 2, dtype=torch.float32)  # two planes of 4 strips
+    partials = torch.stack([m, 3.0 * m], dim=1).to(_device())
+    scales = torch.tensor([[0.5, 0.25]], dtype=torch.float64, device=_device())
+    out = torch.full((2,), float("nan"), dtype=torch.float32, device=_device())
+    table = _table(COL_STRIPS=strips, COL_PAIRS=2 * strips, COL_PAIR_BEGIN=0, COL_LOSS_BEGIN=0)
+    tk._plane_loss_kernel[(1, 1)](
+        partials_ptr=partials, table_ptr=table, scales_ptr=scales, out_ptr=out, BLOCK=2, HAS_L1=True
+    )
+    assert out.tolist() == [2.5, 2.5]
 
 
 def test_plane_sums_accumulate_in_double_then_give_the_affine_gradient():

@@ -26,10 +26,12 @@ from .loss import (
     _check_window_options,
     _common_dtype,
     _kernel_options,
+    _output_count,
     fused_means,
     ssim,
     ssim_map,
 )
+from .ops import fused_ssim as fused_ssim_op
 from .ops import resolve_backend
 
 __all__ = ["fused_ssim", "l1_ssim_loss", "ms_ssim", "MSSSIMLoss"]
@@ -82,6 +84,9 @@ def l1_ssim_loss(
 ) -> Tensor:
     """The photometric loss of 3D Gaussian Splatting: (1 - w) mean|x - y| + w (1 - SSIM(x, y)).
 
+    On a fused backend both terms come out of one pass of the op (the tiles that hold x and y for the
+    SSIM add |x - y| of their pixels; the backward adds its sign): no second read of either image.
+
     Args:
         x, y: (N, C, H, W) images of the same shape (e.g. the render and the ground truth).
         ssim_weight: w in [0, 1] (3DGS: lambda_dssim = 0.2).
@@ -99,19 +104,38 @@ def l1_ssim_loss(
         raise ValueError(f"ssim_weight must be a number in [0, 1], got {ssim_weight!r}")
     _check_window_options(window_size, sigma, data_range, k1, k2, padding, (1.0, 1.0, 1.0))
     _check_levels(x, y, window_size, padding)
-    value = ssim(
-        x,
-        y,
-        padding=padding,
-        window_size=window_size,
-        sigma=sigma,
-        data_range=data_range,
-        k1=k1,
-        k2=k2,
-        backend=backend,
+    dtype = _common_dtype([x, y])
+    x, y = x.to(dtype), y.to(dtype)
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "reference":
+        value = ssim(
+            x,
+            y,
+            padding=padding,
+            window_size=window_size,
+            sigma=sigma,
+            data_range=data_range,
+            k1=k1,
+            k2=k2,
+            backend=chosen,
+        )
+        l1 = (x.to(value.dtype) - y.to(value.dtype)).abs().mean()
+        return (1.0 - ssim_weight) * l1 + ssim_weight * (1.0 - value)
+    # One fused pass: the op's loss is scale * sum(m) + l1_scale * sum|x - y|, m = (1 - S) / 2, so
+    # w (1 - mean S) = 2 w mean(m) and (1 - w) mean|x - y| come out of the same tiles.
+    options = _kernel_options(window_size, sigma, data_range, k1, k2, padding, (1.0, 1.0, 1.0), clamp=False)
+    count = _output_count(x.shape, window_size, padding)
+    loss, _ = fused_ssim_op(
+        chosen,
+        [x],
+        [y],
+        [],
+        [],
+        [2.0 * ssim_weight / count],
+        options,
+        level_l1_scales=[(1.0 - ssim_weight) / x.numel()],
     )
-    l1 = (x.to(value.dtype) - y.to(value.dtype)).abs().mean()
-    return (1.0 - ssim_weight) * l1 + ssim_weight * (1.0 - value)
+    return loss[0]
 
 
 def _ms_ssim_weights(weights) -> tuple[float, ...]:

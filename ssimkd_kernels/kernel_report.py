@@ -54,6 +54,7 @@ class KernelConfig:
     affine: bool = True  # min-max normalisation (any mode but "none")
     masked: bool = False  # per-pixel weights of m and one loss per plane (ssim's mask, reduction "none")
     ms_ssim: bool = False  # ms_ssim's launch: alpha 0 or 1 per level (chosen at run time), one loss per plane
+    l1: bool = False  # l1_ssim_loss's launch: the L1 term in the same pass (HAS_L1)
 
     @property
     def name(self) -> str:
@@ -68,6 +69,8 @@ class KernelConfig:
             parts.append("masked")
         if self.ms_ssim:
             parts.append("ms-ssim")
+        if self.l1:
+            parts.append("l1")
         return "/".join(parts)
 
 
@@ -86,6 +89,7 @@ def default_configs() -> list[KernelConfig]:
             dict(window=15, exponents=(1.0, 0.5, 2.0)),
             dict(window=15, masked=True, affine=False),
             dict(padding="valid", ms_ssim=True, affine=False),
+            dict(padding="zero", l1=True, affine=False),
         ]
         for variant in variants:
             for grad in grads:
@@ -144,7 +148,11 @@ def kernel_constants(config: KernelConfig) -> dict:
         config.window, 1.5, 1e-4, 9e-4, PADDING_CODES[config.padding], *config.exponents, True, plane_sums=False
     )
     constants = dict(
-        module.kernel_constants(options), HAS_AFFINE=config.affine, HAS_PIXEL_WEIGHTS=config.masked, WIDE=False
+        module.kernel_constants(options),
+        HAS_AFFINE=config.affine,
+        HAS_PIXEL_WEIGHTS=config.masked,
+        HAS_L1=config.l1,
+        WIDE=False,
     )
     if config.ms_ssim:  # levels with (0, 1, 1) and (1, 1, 1): alpha's kind is decided per level
         constants.update(KINDS=(module.EXPONENT_PER_LEVEL.value, *constants["KINDS"][1:]), DEFAULT_EXPONENTS=False)

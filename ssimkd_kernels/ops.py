@@ -2,10 +2,10 @@
 
 Two pairs of torch.library custom ops share one schema:
 
-    ssimkd::fused_ssim_fwd(xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, <options>,
-                           write_map) -> (level_losses, maps)
+    ssimkd::fused_ssim_fwd(xs, ys, x_affines, y_affines, weights, level_scales, level_l1_scales,
+                           level_exponents, <options>, write_map) -> (level_losses, maps)
     ssimkd::fused_ssim_bwd(grad_losses, grad_maps, xs, ys, x_affines, y_affines, weights, level_scales,
-                           level_exponents, <options>, x_needs_grad, y_needs_grad)
+                           level_l1_scales, level_exponents, <options>, x_needs_grad, y_needs_grad)
         -> (gxs, gys, g_x_affines, g_y_affines)
 
 defined in C++ (csrc/ops.cpp: CPU, and CUDA when compiled) and, with the suffix ``_triton``, here
@@ -15,6 +15,8 @@ w m, m = (1 - S) / 2 the per-pixel loss (clamped when asked) and w the pixel's w
 (N, C, H', W') in the accumulation dtype, any strides (a mask expanded over channels is a view), or
 1 everywhere when ``weights`` is empty. With 1 / (N C H' W') and no weights it is the level's mean, so
 no host-side tensor of weights is ever copied to the device. The weights are constants (no gradient).
+``level_l1_scales`` (empty: none) adds an L1 term in the same pass: level_l1_scales[l] times the sum of
+|x-hat - y-hat| over every pixel of the level (or plane), whatever the padding (l1_ssim_loss).
 ``level_exponents``: (alpha, beta, gamma) of each level, flat (MS-SSIM's c s scales take (0, 1, 1), its
 coarsest (1, 1, 1)); empty: every level takes the options' alpha, beta, gamma. ``maps`` are the SSIM
 maps, written only when ``write_map``.
@@ -71,11 +73,12 @@ class KernelOptions:
 
 
 # Where the options sit among the ops' arguments: fwd (xs, ys, x_affines, y_affines, weights,
-# level_scales, level_exponents, <options>, write_map); bwd (grad_losses, grad_maps, <the same>,
-# x_needs_grad, y_needs_grad).
+# level_scales, level_l1_scales, level_exponents, <options>, write_map); bwd (grad_losses, grad_maps,
+# <the same>, x_needs_grad, y_needs_grad).
 _OPTION_COUNT = len(fields(KernelOptions))
-_FWD_OPTIONS = slice(7, 7 + _OPTION_COUNT)
-_FWD_NON_TENSOR_ARGS = 2 + _OPTION_COUNT + 1  # level_scales and _exponents, the options, write_map: no gradients
+_FWD_OPTIONS = slice(8, 8 + _OPTION_COUNT)
+# level_scales, _l1_scales and _exponents, the options, write_map: no gradients
+_FWD_NON_TENSOR_ARGS = 3 + _OPTION_COUNT + 1
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,6 +99,7 @@ def _fused_ssim_fwd_triton(
     y_affines: List[Tensor],
     weights: List[Tensor],
     level_scales: List[float],
+    level_l1_scales: List[float],
     level_exponents: List[float],
     window_size: int,
     sigma: float,
@@ -112,7 +116,9 @@ def _fused_ssim_fwd_triton(
     from .triton_kernels import ssim_fwd_triton
 
     options = KernelOptions(window_size, sigma, c1, c2, padding, alpha, beta, gamma, clamp, plane_sums)
-    return ssim_fwd_triton(xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, options, write_map)
+    return ssim_fwd_triton(
+        xs, ys, x_affines, y_affines, weights, level_scales, level_l1_scales, level_exponents, options, write_map
+    )
 
 
 @torch.library.custom_op("ssimkd::fused_ssim_bwd_triton", mutates_args=())
@@ -125,6 +131,7 @@ def _fused_ssim_bwd_triton(
     y_affines: List[Tensor],
     weights: List[Tensor],
     level_scales: List[float],
+    level_l1_scales: List[float],
     level_exponents: List[float],
     window_size: int,
     sigma: float,
@@ -151,6 +158,7 @@ def _fused_ssim_bwd_triton(
         y_affines,
         weights,
         level_scales,
+        level_l1_scales,
         level_exponents,
         options,
         x_needs_grad,
@@ -163,8 +171,10 @@ def _fused_ssim_bwd_triton(
 # ------------------------------------------------------------------------------------------------
 
 
-# Both take the op's arguments in schema order; the scalar options (KernelOptions) sit after level_scales.
-def _fwd_fake(xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, *options_and_write_map):
+# Both take the op's arguments in schema order; the scalar options (KernelOptions) sit after level_exponents.
+def _fwd_fake(
+    xs, ys, x_affines, y_affines, weights, level_scales, level_l1_scales, level_exponents, *options_and_write_map
+):
     options, write_map = KernelOptions(*options_and_write_map[:_OPTION_COUNT]), options_and_write_map[_OPTION_COUNT]
     torch._check(len(xs) > 0 and len(xs) == len(ys), lambda: "ssimkd: one teacher level per student level")
     acc = _accumulation_dtype(xs[0].dtype)
@@ -184,7 +194,17 @@ def _loss_count(xs, options: KernelOptions) -> int:
 
 
 def _bwd_fake(
-    grad_losses, grad_maps, xs, ys, x_affines, y_affines, weights, level_scales, level_exponents, *options_and_needs
+    grad_losses,
+    grad_maps,
+    xs,
+    ys,
+    x_affines,
+    y_affines,
+    weights,
+    level_scales,
+    level_l1_scales,
+    level_exponents,
+    *options_and_needs,
 ):
     x_needs_grad, y_needs_grad = options_and_needs[_OPTION_COUNT:]
     gxs = [torch.empty_like(x) for x in xs] if x_needs_grad else []
@@ -232,8 +252,9 @@ def _op(qualified_name: str):
 
 def _make_autograd(bwd_name: str):
     def setup_context(ctx, inputs, output):
-        xs, ys, x_affines, y_affines, weights, level_scales, level_exponents = inputs[:7]
+        xs, ys, x_affines, y_affines, weights, level_scales, level_l1_scales, level_exponents = inputs[:8]
         ctx.level_scales = level_scales
+        ctx.level_l1_scales = level_l1_scales
         ctx.level_exponents = level_exponents
         ctx.options = inputs[_FWD_OPTIONS]
         ctx.write_map = inputs[_FWD_OPTIONS.stop]
@@ -250,9 +271,19 @@ def _make_autograd(bwd_name: str):
         needs = ctx.needs_input_grad
         x_needs = any(needs[0]) or any(needs[2])
         y_needs = any(needs[1]) or any(needs[3])
+
         # No gradients for the weights (constants) and the non-tensor arguments; autograd wants an empty
-        # float list (level_exponents when not given) answered by an empty list, a non-empty one by None.
-        none = ([None] * n_w, None, [] if not ctx.level_exponents else None) + (None,) * (_FWD_NON_TENSOR_ARGS - 2)
+        # float list (level_l1_scales, level_exponents when not given) answered by an empty list, a
+        # non-empty one by None.
+        def empty_or_none(values):
+            return [] if not values else None
+
+        none = (
+            [None] * n_w,
+            None,
+            empty_or_none(ctx.level_l1_scales),
+            empty_or_none(ctx.level_exponents),
+        ) + (None,) * (_FWD_NON_TENSOR_ARGS - 3)
         if not (x_needs or y_needs):
             return ([None] * levels, [None] * levels, [None] * n_xa, [None] * n_ya) + none
 
@@ -278,6 +309,7 @@ def _make_autograd(bwd_name: str):
             y_affines,
             weights,
             ctx.level_scales,
+            ctx.level_l1_scales,
             ctx.level_exponents,
             *ctx.options,
             x_needs,
@@ -522,17 +554,20 @@ def fused_ssim(
     write_map: bool = False,
     weights: list[Tensor] | None = None,
     level_exponents: list[tuple[float, float, float]] | None = None,
+    level_l1_scales: list[float] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Run the fused forward of `backend` ("cpu", "cuda" or "triton"), differentiable in xs, ys and the
     affines.
 
     Returns (level_losses, maps): level_scales[l] times the sum of w m over level l (or over each of its
     planes with options.plane_sums; w: weights[l], the SSIM map's per-pixel weights, constants; 1
-    without weights), and the SSIM maps when write_map. level_exponents: (alpha, beta, gamma) per level,
-    instead of the options' for all.
+    without weights), plus level_l1_scales[l] times the sum of |x-hat - y-hat| over every pixel of the
+    level (or of each plane) when given, and the SSIM maps when write_map. level_exponents: (alpha, beta, gamma)
+    per level, instead of the options' for all.
     """
     fwd_name, _ = _OP_PAIRS[backend]
     exponents = [float(e) for triple in level_exponents or () for e in triple]
+    l1_scales = [float(s) for s in level_l1_scales or ()]
     return _op(fwd_name)(
-        xs, ys, x_affines, y_affines, weights or [], level_scales, exponents, *options.as_args(), write_map
+        xs, ys, x_affines, y_affines, weights or [], level_scales, l1_scales, exponents, *options.as_args(), write_map
     )

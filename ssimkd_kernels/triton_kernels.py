@@ -517,7 +517,8 @@ def _column_moments(
     z = x', y', x'^2, y'^2, x'y' (x' = x-hat - cx), g the taps (immediates). BORDER: some of the rows
     are off the plane, read through the padding's index map; else they are p - r .. p + r. One 1-D
     load per tap, not a [taps, lanes] block: triton 3.6 gives such blocks a layout that it converts
-    through shared memory every row, and spills."""
+    through shared memory every row, and spills. Also returns the raw x and y of row p (the L1 term's;
+    unused values cost nothing)."""
     shift_x = x_aff.scale * x_aff.offset + cx
     shift_y = y_aff.scale * y_aff.offset + cy
     sx = tl.zeros_like(cx)
@@ -525,6 +526,8 @@ def _column_moments(
     sxx = tl.zeros_like(cx)
     syy = tl.zeros_like(cx)
     sxy = tl.zeros_like(cx)
+    raw_x = tl.zeros_like(cx)
+    raw_y = tl.zeros_like(cx)
     for k in tl.static_range(2 * R + 1):
         if BORDER:
             source = _source_index(p - R + k, H, PADDING)
@@ -536,8 +539,13 @@ def _column_moments(
             xv = tl.where(inside, xr * x_aff.scale - shift_x, outside_x)
             yv = tl.where(inside, yr * y_aff.scale - shift_y, outside_y)
         else:
-            xv = tl.load(x_col + (p - R + k) * xs_h).to(tl.float32) * x_aff.scale - shift_x
-            yv = tl.load(y_col + (p - R + k) * ys_h).to(tl.float32) * y_aff.scale - shift_y
+            xr = tl.load(x_col + (p - R + k) * xs_h).to(tl.float32)
+            yr = tl.load(y_col + (p - R + k) * ys_h).to(tl.float32)
+            xv = xr * x_aff.scale - shift_x
+            yv = yr * y_aff.scale - shift_y
+        if k == R:
+            raw_x = xr
+            raw_y = yr
         gx = g[k] * xv
         gy = g[k] * yv
         sx += gx
@@ -545,7 +553,7 @@ def _column_moments(
         sxx += gx * xv
         syy += gy * yv
         sxy += gx * yv
-    return sx, sy, sxx, syy, sxy
+    return sx, sy, sxx, syy, sxy, raw_x, raw_y
 
 
 @triton.jit
@@ -631,6 +639,7 @@ def _slot_centres(
 def _forward_row(
     p,
     total,
+    l1_total,
     x_col,
     xs_h,
     y_col,
@@ -645,6 +654,7 @@ def _forward_row(
     outside,
     scratch,
     out_col,
+    owned,
     map_row,
     out_w,
     pw_base,
@@ -662,6 +672,7 @@ def _forward_row(
     BORDER: tl.constexpr,
     WRITE_MAP: tl.constexpr,
     HAS_PIXEL_WEIGHTS: tl.constexpr,
+    HAS_L1: tl.constexpr,
     DEFAULT_EXPONENTS: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
@@ -670,8 +681,11 @@ def _forward_row(
 ):
     """Output row p: the vertical pass at the lanes' columns, the horizontal pass through `scratch` (the
     buffer of this row's parity: slower warps may still read the other one), the SSIM terms; returns
-    total + w m (on the output columns; w the pixel's weight, or 1) and stores S to the map when asked."""
+    (total + w m on the output columns, w the pixel's weight or 1; l1_total + |x-hat - y-hat| of row p on
+    the strip's columns with HAS_L1) and stores S to the map when asked."""
     columns = _column_moments(x_col, xs_h, y_col, ys_h, p, H, x_aff, y_aff, cx, cy, g, R, PADDING, BORDER)
+    if HAS_L1:
+        l1_total = _add_l1(l1_total, columns[5], columns[6], x_aff, y_aff, owned)
     mu_x, mu_y, e_xx, e_yy, e_xy = _row_moments(scratch, columns, gather, outside, cx, cy, R, KP, ROW, PADDING)
     S, _, _, _, _, _ = _ssim_and_partials(
         mu_x + cx,
@@ -697,7 +711,25 @@ def _forward_row(
         tl.store(map_row + p * out_w, S, mask=out_col)
     if HAS_PIXEL_WEIGHTS:
         m = m * tl.load(pw_base + (pw_col + p * pws_h), mask=out_col, other=0.0)
-    return total + tl.where(out_col, m, 0.0)
+    return total + tl.where(out_col, m, 0.0), l1_total
+
+
+@triton.jit
+def _add_l1(l1_total, raw_x, raw_y, x_aff: Affine, y_aff: Affine, owned):
+    """l1_total + |x-hat - y-hat| on the lanes that own their column, x-hat = scale * (x - offset) as the
+    other backends form it (csrc/ssim_params.h, LevelDesc::l1_scale)."""
+    d = x_aff.scale * (raw_x - x_aff.offset) - y_aff.scale * (raw_y - y_aff.offset)
+    return l1_total + tl.where(owned, tl.abs(d), 0.0)
+
+
+@triton.jit
+def _l1_rows(l1_total, x_col, xs_h, y_col, ys_h, begin, end, x_aff: Affine, y_aff: Affine, owned):
+    """The L1 term of rows [begin, end), which no output row holds (valid padding's top and bottom r rows)."""
+    for u in range(begin, end):
+        raw_x = tl.load(x_col + u * xs_h, mask=owned, other=0.0).to(tl.float32)
+        raw_y = tl.load(y_col + u * ys_h, mask=owned, other=0.0).to(tl.float32)
+        l1_total = _add_l1(l1_total, raw_x, raw_y, x_aff, y_aff, owned)
+    return l1_total
 
 
 @triton.jit
@@ -722,6 +754,7 @@ def _ssim_fwd_kernel(
     HAS_AFFINE: tl.constexpr,
     WRITE_MAP: tl.constexpr,
     HAS_PIXEL_WEIGHTS: tl.constexpr,
+    HAS_L1: tl.constexpr,
     DEFAULT_EXPONENTS: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
@@ -736,7 +769,7 @@ def _ssim_fwd_kernel(
     # scratch row, then on x' = x-hat - (the slot's centre)
     #   mu' = W x', var = W(x'^2) - mu'^2, cov = W(x'y') - mu'_x mu'_y,
     #   S = A1 A2 / (B1 B2) (or l^a c^b s^g), m = (1 - S) / 2; writes each pair's sum of w m (w: the
-    #   pixel's weight, or 1) and the map when asked.
+    #   pixel's weight, or 1) and, with HAS_L1, of |x-hat - y-hat| over its pixels; the map when asked.
     K: tl.constexpr = 2 * R + 1
     KP: tl.constexpr = triton.next_power_of_2(K)
     ROW: tl.constexpr = LANES + 2 * R
@@ -782,14 +815,16 @@ def _ssim_fwd_kernel(
     top = tl.minimum(R, p_end) if PADDING != VALID else p0
     bottom = tl.maximum(top, H - R) if PADDING != VALID else p_end
     total = tl.zeros((LANES,), tl.float32)
+    l1_total = tl.zeros((LANES,), tl.float32)
     # three row ranges, unrolled at compile time: the top border, the interior (plain offsets), the bottom
     for segment in tl.static_range(3):
         begin = p0 if segment == 0 else (top if segment == 1 else bottom)
         end = top if segment == 0 else (bottom if segment == 1 else p_end)
         for p in range(begin, end):
-            total = _forward_row(
+            total, l1_total = _forward_row(
                 p,
                 total,
+                l1_total,
                 x_col,
                 xs_h,
                 y_col,
@@ -804,6 +839,7 @@ def _ssim_fwd_kernel(
                 outside,
                 scratch + ((p - p0) % 2) * (5 * ROW),
                 out_col,
+                lanes.owned,
                 map_row,
                 out_w,
                 pw_base,
@@ -821,16 +857,22 @@ def _ssim_fwd_kernel(
                 segment != 1,
                 WRITE_MAP,
                 HAS_PIXEL_WEIGHTS,
+                HAS_L1,
                 DEFAULT_EXPONENTS,
                 CLAMP,
                 EPS_SIGMA,
                 KINDS,
                 ODDS,
             )
+    if HAS_L1 and PADDING == VALID:  # the rows no output row holds
+        l1_total = _l1_rows(l1_total, x_col, xs_h, y_col, ys_h, 0, R, x_aff, y_aff, lanes.owned)
+        l1_total = _l1_rows(l1_total, x_col, xs_h, y_col, ys_h, H - R, H, x_aff, y_aff, lanes.owned)
 
-    # ---- reduce: each pair's sum of w m
+    # ---- reduce: each pair's sums of w m and (with HAS_L1) of |x-hat - y-hat|, partials [pairs, 2]
     index, holds = _pair_index(lanes, MAX_SLOTS)
-    tl.store(partials_ptr + index, _slot_sums(total, lanes, MAX_SLOTS), mask=holds)
+    tl.store(partials_ptr + 2 * index, _slot_sums(total, lanes, MAX_SLOTS), mask=holds)
+    if HAS_L1:
+        tl.store(partials_ptr + 2 * index + 1, _slot_sums(l1_total, lanes, MAX_SLOTS), mask=holds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -892,13 +934,16 @@ def _gradient_rows(
     done,
     sums_x,
     sums_y,
+    l1_grad,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
+    HAS_L1: tl.constexpr,
 ):
     """Gradient row u (rows before 0 are skipped): dL/dx-hat = W^T a_x + 2 x' W^T b_x + y' W^T c with
-    x' = x-hat - cx, stored as scale * dL/dx-hat, and the same for y; adds each input's
-    (sum dL/dx-hat (x - offset), sum dL/dx-hat) over the lanes the slot owns to its sums.
-    `done` holds W^T c, then W^T a_x, W^T b_x, then W^T a_y, W^T b_y (those asked for)."""
+    x' = x-hat - cx (+ l1_grad sign(x-hat - y-hat), the L1 term's, with HAS_L1), stored as scale * dL/dx-hat,
+    and the same for y; adds each input's (sum dL/dx-hat (x - offset), sum dL/dx-hat) over the lanes
+    the slot owns to its sums. `done` holds W^T c, then W^T a_x, W^T b_x, then W^T a_y, W^T b_y (those
+    asked for)."""
     keep = lanes.owned & (u >= 0)
     u64 = u.to(tl.int64)
     raw_x = tl.load(x_col + u64 * xs_h, mask=keep, other=0.0).to(tl.float32)
@@ -909,12 +954,17 @@ def _gradient_rows(
     # biases the gradient by 2 (x' error) W^T b, which the affine's sums then add up over the plane
     x_c = raw_x * x_aff.scale - (x_aff.scale * x_aff.offset + cx)
     y_c = raw_y * y_aff.scale - (y_aff.scale * y_aff.offset + cy)
+    g_l1 = 0.0
+    if HAS_L1:  # sign(x-hat - y-hat), 0 where equal: compared, as a fused multiply-subtract leaves a residue
+        x_hat = x_aff.scale * x_rel
+        y_hat = y_aff.scale * y_rel
+        g_l1 = tl.where(x_hat > y_hat, l1_grad, tl.where(x_hat < y_hat, -l1_grad, 0.0))
     if NEED_X:
-        g = tl.where(keep, done[1] + 2.0 * x_c * done[2] + y_c * done[0], 0.0)
+        g = tl.where(keep, done[1] + 2.0 * x_c * done[2] + y_c * done[0] + g_l1, 0.0)
         tl.store(gx_col + u64 * gxs_h, (x_aff.scale * g).to(gx_col.dtype.element_ty), mask=keep)
         sums_x = (sums_x[0] + g * x_rel, sums_x[1] + g)
     if NEED_Y:
-        g = tl.where(keep, done[len(done) - 2] + 2.0 * y_c * done[len(done) - 1] + x_c * done[0], 0.0)
+        g = tl.where(keep, done[len(done) - 2] + 2.0 * y_c * done[len(done) - 1] + x_c * done[0] - g_l1, 0.0)
         tl.store(gy_col + u64 * gys_h, (y_aff.scale * g).to(gy_col.dtype.element_ty), mask=keep)
         sums_y = (sums_y[0] + g * y_rel, sums_y[1] + g)
     return sums_x, sums_y
@@ -948,6 +998,7 @@ def _backward_row(
     scratch,
     centre_col,
     grad_scale,
+    l1_grad,
     gmap_row,
     out_w,
     pw_base,
@@ -967,6 +1018,7 @@ def _backward_row(
     BORDER: tl.constexpr,
     HAS_GRAD_MAP: tl.constexpr,
     HAS_PIXEL_WEIGHTS: tl.constexpr,
+    HAS_L1: tl.constexpr,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
     DEFAULT_EXPONENTS: tl.constexpr,
@@ -1047,8 +1099,10 @@ def _backward_row(
         done,
         sums_x,
         sums_y,
+        l1_grad,
         NEED_X,
         NEED_Y,
+        HAS_L1,
     )
     return transposed, sums_x, sums_y
 
@@ -1079,6 +1133,7 @@ def _ssim_bwd_kernel(
     HAS_AFFINE: tl.constexpr,
     HAS_GRAD_MAP: tl.constexpr,
     HAS_PIXEL_WEIGHTS: tl.constexpr,
+    HAS_L1: tl.constexpr,
     PLANE_SUMS: tl.constexpr,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
@@ -1136,11 +1191,14 @@ def _ssim_bwd_kernel(
         other=0.0,
     )
     row_table = weights_ptr + tl.load(row + COL_ROW_WEIGHTS)
-    # dL/d the level's loss, or with PLANE_SUMS per lane dL/d its plane's, times the level's scale
+    # dL/d the level's loss, or with PLANE_SUMS per lane dL/d its plane's, times the level's scale (and its
+    # L1 term's: scales are [levels, 2])
     grad_at = grad_ptr + tl.load(row + COL_LOSS_BEGIN)
     if PLANE_SUMS:
         grad_at += lanes.plane
-    grad_scale = tl.load(grad_at).to(tl.float32) * tl.load(scales_ptr + lanes.level).to(tl.float32)
+    grad_loss = tl.load(grad_at).to(tl.float32)
+    grad_scale = grad_loss * tl.load(scales_ptr + 2 * lanes.level).to(tl.float32)
+    l1_grad = grad_loss * tl.load(scales_ptr + 2 * lanes.level + 1).to(tl.float32) if HAS_L1 else grad_loss
     p0 = R if PADDING == VALID else 0
     p_end = H - R if PADDING == VALID else H
     centre_col = lanes.active
@@ -1201,6 +1259,7 @@ def _ssim_bwd_kernel(
                 scratch,
                 centre_col,
                 grad_scale,
+                l1_grad,
                 gmap_row,
                 out_w,
                 pw_base,
@@ -1220,6 +1279,7 @@ def _ssim_bwd_kernel(
                 segment != 1,
                 HAS_GRAD_MAP,
                 HAS_PIXEL_WEIGHTS,
+                HAS_L1,
                 NEED_X,
                 NEED_Y,
                 DEFAULT_EXPONENTS,
@@ -1251,8 +1311,10 @@ def _ssim_bwd_kernel(
             done,
             sums_x,
             sums_y,
+            l1_grad,
             NEED_X,
             NEED_Y,
+            HAS_L1,
         )
 
     # ---- reduce: each pair's four sums
@@ -1272,18 +1334,33 @@ def _ssim_bwd_kernel(
 
 
 @triton.jit
-def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.constexpr):
-    # One program per level: level_scale * (sum of its pairs' sums of w m), accumulated in float64 and
-    # rounded once (the second stage every backend shares: csrc/ssim_params.h).
+def _level_loss(sum_m, sum_l1, scales_ptr, level, HAS_L1: tl.constexpr):
+    """A loss output from its region's float64 sums of w m and of |x-hat - y-hat| and the level's two
+    scales (scales [levels, 2]), rounded once to float32 (csrc/ssim_params.h, level_loss)."""
+    loss = sum_m * tl.load(scales_ptr + 2 * level)
+    if HAS_L1:
+        loss += sum_l1 * tl.load(scales_ptr + 2 * level + 1)
+    return loss.to(tl.float32)
+
+
+@triton.jit
+def _level_sum_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, CHUNK: tl.constexpr, HAS_L1: tl.constexpr):
+    # One program per level: its loss from the sums of its pairs' partials (w m; |x-hat - y-hat| with
+    # HAS_L1: partials [pairs, 2]), accumulated in float64 and rounded once (the second stage every backend
+    # shares: csrc/ssim_params.h).
     level = tl.program_id(0)
     row = table_ptr + level * NUM_COLUMNS
     begin = tl.load(row + COL_PAIR_BEGIN)
     count = tl.load(row + COL_PAIRS)
     total = tl.zeros((), dtype=tl.float64)
+    total_l1 = tl.zeros((), dtype=tl.float64)
     for start in range(0, count, CHUNK):
         k = start + tl.arange(0, CHUNK)
-        total += tl.sum(tl.load(partials_ptr + begin + k, mask=k < count, other=0.0).to(tl.float64), axis=0)
-    tl.store(out_ptr + tl.load(row + COL_LOSS_BEGIN), (total * tl.load(scales_ptr + level)).to(tl.float32))
+        at = partials_ptr + 2 * (begin + k)
+        total += tl.sum(tl.load(at, mask=k < count, other=0.0).to(tl.float64), axis=0)
+        if HAS_L1:
+            total_l1 += tl.sum(tl.load(at + 1, mask=k < count, other=0.0).to(tl.float64), axis=0)
+    tl.store(out_ptr + tl.load(row + COL_LOSS_BEGIN), _level_loss(total, total_l1, scales_ptr, level, HAS_L1))
 
 
 @triton.jit
@@ -1299,16 +1376,19 @@ def _plane_block(table_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _plane_loss_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, BLOCK: tl.constexpr):
+def _plane_loss_kernel(partials_ptr, table_ptr, scales_ptr, out_ptr, BLOCK: tl.constexpr, HAS_L1: tl.constexpr):
     # The forward's second stage with plane_sums. Programs (level, block of BLOCK planes): each plane's
-    # level_scale * (sum of its strips' sums of w m, in strip order), in float64 rounded once.
+    # loss from the sums of its strips' partials in strip order, in float64 rounded once.
     level, row, plane, holds, first_pair, strips = _plane_block(table_ptr, BLOCK)
-    first = partials_ptr + first_pair
+    first = partials_ptr + 2 * first_pair
     total = tl.zeros((BLOCK,), dtype=tl.float64)
+    total_l1 = tl.zeros((BLOCK,), dtype=tl.float64)
     for strip in range(0, strips):
-        total += tl.load(first + strip, mask=holds, other=0.0).to(tl.float64)
+        total += tl.load(first + 2 * strip, mask=holds, other=0.0).to(tl.float64)
+        if HAS_L1:
+            total_l1 += tl.load(first + 2 * strip + 1, mask=holds, other=0.0).to(tl.float64)
     out = out_ptr + tl.load(row + COL_LOSS_BEGIN) + plane
-    tl.store(out, (total * tl.load(scales_ptr + level)).to(tl.float32), mask=holds)
+    tl.store(out, _level_loss(total, total_l1, scales_ptr, level, HAS_L1), mask=holds)
 
 
 @triton.jit
@@ -1477,7 +1557,7 @@ class Launch(NamedTuple):
     """One launch's level table and what the launchers need besides it."""
 
     table: torch.Tensor  # int64 [levels, NUM_COLUMNS]
-    scales: torch.Tensor  # float64 [levels] (as C++'s loss_scale)
+    scales: torch.Tensor  # float64 [levels, 2]: (loss_scale, l1_scale) as C++'s LevelDesc
     weights: torch.Tensor  # float32: every level's blur_weights (table columns *_WEIGHTS)
     plans: list  # LevelPlan per level
     programs: int
@@ -1501,6 +1581,7 @@ def _launch_table(
     g_x_affines=(),
     g_y_affines=(),
     plane_sums: bool = False,
+    level_l1_scales=(),
 ) -> Launch:
     """The level table of one launch (at most MAX_LEVELS levels), cached by layout: the same layouts in
     a training loop skip the host-to-device copies; a miss copies from pinned memory, asynchronously."""
@@ -1552,12 +1633,13 @@ def _launch_table(
         plans.append(plan)
         programs += plan.programs
         pairs += n * c * plan.strips
-    key = ("table", str(device), tuple(map(tuple, rows)), tuple(level_scales))
+    scale_pairs = tuple(zip(level_scales, level_l1_scales or [0.0] * len(level_scales)))
+    key = ("table", str(device), tuple(map(tuple, rows)), scale_pairs)
     table, scales = _cached(
         key,
         lambda: (
             _to_device(torch.tensor(rows, dtype=torch.int64), device),
-            _to_device(torch.tensor(level_scales, dtype=torch.float64), device),
+            _to_device(torch.tensor(scale_pairs, dtype=torch.float64), device),
         ),
     )
 
@@ -1666,7 +1748,9 @@ def _exponents_table(triples, device) -> torch.Tensor:
     return _cached(key, lambda: _to_device(torch.tensor(triples, dtype=torch.float32), device))
 
 
-def ssim_fwd_triton(xs, ys, x_affines, y_affines, pixel_weights, level_scales, level_exponents, options, write_map):
+def ssim_fwd_triton(
+    xs, ys, x_affines, y_affines, pixel_weights, level_scales, level_l1_scales, level_exponents, options, write_map
+):
     """Forward of ssimkd::fused_ssim_fwd_triton: (level_losses [L] float32, SSIM maps or [])."""
     _check(xs, ys)
     device = xs[0].device
@@ -1706,8 +1790,10 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, pixel_weights, level_scales, l
             False,
             device,
             plane_sums=options.plane_sums,
+            level_l1_scales=level_l1_scales[part],
         )
-        partials = torch.empty(launch.pairs, dtype=torch.float32, device=device)
+        has_l1 = any(level_l1_scales[part])
+        partials = torch.empty(launch.pairs, 2, dtype=torch.float32, device=device)
         scratch = torch.empty(launch.programs * 10 * _scratch_row(constants["R"]), dtype=torch.float32, device=device)
         _ssim_fwd_kernel[(launch.programs,)](
             x_ptr=xs[part][0],
@@ -1727,6 +1813,7 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, pixel_weights, level_scales, l
             HAS_AFFINE=bool(x_aff),
             WRITE_MAP=write_map,
             HAS_PIXEL_WEIGHTS=bool(pixel_weights),
+            HAS_L1=has_l1,
             **constants,
             **_layout_flags(xs[part], ys[part], pixel_weights[part]),
             **launch_options("fwd"),
@@ -1739,10 +1826,16 @@ def ssim_fwd_triton(xs, ys, x_affines, y_affines, pixel_weights, level_scales, l
                 scales_ptr=launch.scales,
                 out_ptr=out,
                 BLOCK=PLANE_BLOCK,
+                HAS_L1=has_l1,
             )
         else:
             _level_sum_kernel[(len(xs[part]),)](
-                partials_ptr=partials, table_ptr=launch.table, scales_ptr=launch.scales, out_ptr=out, CHUNK=256
+                partials_ptr=partials,
+                table_ptr=launch.table,
+                scales_ptr=launch.scales,
+                out_ptr=out,
+                CHUNK=256,
+                HAS_L1=has_l1,
             )
     return losses, maps
 
@@ -1785,6 +1878,7 @@ def ssim_bwd_triton(
     y_affines,
     pixel_weights,
     level_scales,
+    level_l1_scales,
     level_exponents,
     options,
     x_needs_grad,
@@ -1822,6 +1916,7 @@ def ssim_bwd_triton(
             g_x_aff,
             g_y_aff,
             plane_sums=options.plane_sums,
+            level_l1_scales=level_l1_scales[part],
         )
         partials = torch.zeros(launch.pairs, 4, dtype=torch.float32, device=device)
         scratch = torch.empty(
@@ -1849,6 +1944,7 @@ def ssim_bwd_triton(
             HAS_AFFINE=has_affine,
             HAS_GRAD_MAP=bool(grad_maps),
             HAS_PIXEL_WEIGHTS=bool(pixel_weights),
+            HAS_L1=any(level_l1_scales[part]),
             PLANE_SUMS=options.plane_sums,
             NEED_X=x_needs_grad,
             NEED_Y=y_needs_grad,
