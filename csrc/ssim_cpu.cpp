@@ -838,15 +838,28 @@ SSIMKD_INLINE AccType<scalar_t> l1_tile_sum(const LevelDesc& lv, const TileCoord
   const scalar_t* x_plane = static_cast<const scalar_t*>(lv.x) + tc.n * lv.x_stride[0] + tc.c * lv.x_stride[1];
   const scalar_t* y_plane = static_cast<const scalar_t*>(lv.y) + tc.n * lv.y_stride[0] + tc.c * lv.y_stride[1];
   const int ow = int(cols.t1 - cols.t0), blocks = blocks_of(ow, N);
+  const int64_t x_step = lv.x_stride[3], y_step = lv.y_stride[3];
+  // Whole vectors straight from contiguous rows of the accumulation type; the rest through a copy.
+  const bool direct = std::is_same_v<scalar_t, T> && x_step == 1 && y_step == 1;
+  const int direct_blocks = direct ? ow / N : 0;
   T* x_rel = ws.raw.data();
   T* y_rel = x_rel + blocks * N;
-  const V vxs(x_scale), vys(y_scale);
+  const V vxs(x_scale), vys(y_scale), vxo(x_offset), vyo(y_offset);
   LaneSums<T, N> sum;
   for (int64_t h = rows.t0; h < rows.t1; ++h) {
-    read_row(x_plane + h * lv.x_stride[2] + cols.t0 * lv.x_stride[3], lv.x_stride[3], ow, blocks * N, x_offset, x_rel);
-    read_row(y_plane + h * lv.y_stride[2] + cols.t0 * lv.y_stride[3], lv.y_stride[3], ow, blocks * N, y_offset, y_rel);
-    for (int b = 0; b < blocks; ++b)
-      sum.add(b, abs_lanes(vxs * V::load(x_rel + b * N) - vys * V::load(y_rel + b * N)), ow - b * N);
+    const scalar_t* x_row = x_plane + h * lv.x_stride[2] + cols.t0 * x_step;
+    const scalar_t* y_row = y_plane + h * lv.y_stride[2] + cols.t0 * y_step;
+    int b = 0;
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      for (; b < direct_blocks; ++b)
+        sum.add(b, abs_lanes(vxs * (V::load(x_row + b * N) - vxo) - vys * (V::load(y_row + b * N) - vyo)), N);
+    }
+    if (b == blocks) continue;
+    const int n = ow - b * N;
+    read_row(x_row + b * N * x_step, x_step, n, (blocks - b) * N, x_offset, x_rel);
+    read_row(y_row + b * N * y_step, y_step, n, (blocks - b) * N, y_offset, y_rel);
+    for (int k = 0; b < blocks; ++b, ++k)
+      sum.add(b, abs_lanes(vxs * V::load(x_rel + k * N) - vys * V::load(y_rel + k * N)), ow - b * N);
   }
   return sum.total();
 }
