@@ -202,6 +202,30 @@ def test_l1_ssim_loss_over_several_tiles_with_ties(any_backend, padding, ssim_we
     )
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed-view", "bfloat16"])
+def test_l1_ssim_loss_layouts_and_dtypes(any_backend, layout):
+    """The fused L1 term reads any strides (channels_last, a transposed view: no unit column stride) and
+    bfloat16 inputs (float32 statistics), values and both gradients against the float64 formula."""
+    device = device_of(any_backend)
+    x, y = images((1, 2, 40, 70), device=device)
+    with torch.no_grad():
+        y[:, :, :3] = x[:, :, :3]  # ties
+    if layout == "channels_last":
+        x, y = (t.detach().to(memory_format=torch.channels_last).requires_grad_() for t in (x, y))
+    elif layout == "transposed-view":
+        x, y = (t.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_() for t in (x, y))
+    else:
+        x, y = (t.detach().to(torch.bfloat16).requires_grad_() for t in (x, y))
+    w = 0.3
+    check_against(
+        lambda a, b: sk.l1_ssim_loss(a, b, ssim_weight=w, backend=any_backend),
+        lambda a, b: (1 - w) * (a - b).abs().mean() + w * (1 - ssim_and_cs_maps(a, b, padding="zero")[0].mean()),
+        (x, y),
+        rtol=1e-3 if layout == "bfloat16" else 2e-6,  # bfloat16 gradients round to 8 bits
+        name=f"l1_ssim_loss {layout}",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # ms_ssim
 # ------------------------------------------------------------------------------------------------
@@ -281,13 +305,16 @@ def test_ms_ssim_loss_module():
     assert math.isclose(float(sk.MSSSIMLoss()(x, x.detach())), 0.0, abs_tol=1e-6)
 
 
-@pytest.mark.parametrize("call", ["ssim-none", "ssim-sum", "ssim-mask-mean", "ssim-mask-none", "ms_ssim"])
+@pytest.mark.parametrize(
+    "call", ["ssim-none", "ssim-sum", "ssim-mask-mean", "ssim-mask-none", "ms_ssim", "l1_ssim_loss"]
+)
 def test_fused_reductions_write_no_map(monkeypatch, call):
-    """reduction="none"/"sum", a mask (weights of m inside the op) and ms_ssim reduce inside the fused op
-    (per level, or per plane of each level): the op is never asked for an SSIM map, and each is one call
-    of one launch (ms_ssim: a level per scale)."""
+    """reduction="none"/"sum", a mask (weights of m inside the op), ms_ssim and l1_ssim_loss reduce inside
+    the fused op (per level, or per plane of each level): the op is never asked for an SSIM map, and each
+    is one call of one launch (ms_ssim: a level per scale; l1_ssim_loss: its L1 term in the same call)."""
     if not backend_available("cpu"):
         pytest.skip("the C++ extension is not available here")
+    import ssimkd_kernels.image as image_module
     import ssimkd_kernels.loss as loss_module
 
     calls = []
@@ -298,11 +325,15 @@ def test_fused_reductions_write_no_map(monkeypatch, call):
 
     fused = loss_module.fused_ssim
     monkeypatch.setattr(loss_module, "fused_ssim", spy)
+    monkeypatch.setattr(image_module, "fused_ssim_op", spy)
     x = torch.rand(2, 3, 170, 170, requires_grad=True)
     y = torch.rand(2, 3, 170, 170)
     if call == "ms_ssim":
         value = sk.ms_ssim(x, y, backend="cpu")
         expected_levels = [5]  # the five scales, each its own exponents
+    elif call == "l1_ssim_loss":
+        value = sk.l1_ssim_loss(x, y, backend="cpu")
+        expected_levels = [1]
     else:
         mask = torch.rand(2, 1, 170, 170) if "mask" in call else None
         reduction = call.split("-")[-1]
