@@ -76,7 +76,8 @@ class KernelConfig:
 
 def default_configs() -> list[KernelConfig]:
     """Every configuration the report covers: the defaults, then each padding, window 3/11/15, general
-    exponents, teacher gradient off/on, each dtype (the backward with and without a teacher gradient)."""
+    exponents, teacher gradient off/on, each dtype (the backward with and without a teacher gradient),
+    and the image losses' launches: a mask, MS-SSIM's levels, l1_ssim_loss's L1 term."""
     configs = []
     for kernel in ("fwd", "bwd"):
         grads = (False, True) if kernel == "bwd" else (False,)
