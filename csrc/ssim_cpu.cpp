@@ -226,7 +226,8 @@ SSIMKD_INLINE SsimParams<Vec<T, N>> lanes_of(const SsimParams<T>& p) {
   v.alpha = p.alpha;
   v.beta = p.beta;
   v.gamma = p.gamma;
-  v.default_exponents = p.default_exponents;
+  v.closed_form = p.closed_form;
+  v.luminance = p.luminance;
   v.clamp = p.clamp;
   v.eps_sigma = p.eps_sigma;
   return v;
@@ -717,12 +718,12 @@ SSIMKD_INLINE void vertical_stats(const T* p, const Vec<T, N>* g, Vec<T, N>* s) 
 // powers and square roots lane by lane)
 // ------------------------------------------------------------------------------------------------
 
-template <bool kDefault, int N, typename T>
+template <bool kClosedForm, int N, typename T>
 SSIMKD_INLINE Vec<T, N> ssim_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N>>& vp, const SsimParams<T>& p, T cx,
                                    T cy) {
   using V = Vec<T, N>;
-  if constexpr (kDefault) {
-    return ssim_default(moments_from_blurred(s[0], s[1], s[2], s[3], s[4], V(cx), V(cy)), vp);
+  if constexpr (kClosedForm) {
+    return ssim_closed_form(moments_from_blurred(s[0], s[1], s[2], s[3], s[4], V(cx), V(cy)), vp);
   } else {
     T lanes[kMaps][N], out[N];
     for (int m = 0; m < kMaps; ++m) s[m].store(lanes[m]);
@@ -737,13 +738,13 @@ SSIMKD_INLINE Vec<T, N> ssim_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N
 // The coefficient maps a_x, b_x, c, a_y, b_y (SPEC section 2) of a vector of centres from the
 // statistics s of the centred inputs, with d = grad_scale * dm/dS + g (the map's own gradient);
 // grad_scale per centre: dL/d level loss * loss_scale, times the pixel's weight where there are weights.
-template <bool kDefault, int N, typename T>
+template <bool kClosedForm, int N, typename T>
 SSIMKD_INLINE void coefficient_lanes(const Vec<T, N>* s, const SsimParams<Vec<T, N>>& vp, const SsimParams<T>& p, T cx,
                                      T cy, Vec<T, N> grad_scale, Vec<T, N> g, Vec<T, N>* coef) {
   using V = Vec<T, N>;
-  if constexpr (kDefault) {
+  if constexpr (kClosedForm) {
     const SsimPartials<V> part =
-        ssim_partials_default(moments_from_blurred(s[0], s[1], s[2], s[3], s[4], V(cx), V(cy)), vp);
+        ssim_partials_closed_form(moments_from_blurred(s[0], s[1], s[2], s[3], s[4], V(cx), V(cy)), vp);
     const V d = grad_scale * pixel_loss_grad(part.S, p.clamp) + g;
     const BackwardCoeffs<V> bc = backward_coeffs(part, d, s[0], s[1]);
     coef[0] = bc.a_x;
@@ -864,7 +865,7 @@ SSIMKD_INLINE AccType<scalar_t> l1_tile_sum(const LevelDesc& lv, const TileCoord
   return sum.total();
 }
 
-template <bool kDefault, typename scalar_t, int R, int N>
+template <bool kClosedForm, typename scalar_t, int R, int N>
 SSIMKD_INLINE void forward_rows(const FusedArgs& a, const LevelDesc& lv, const TileCoord& tc,
                                 const AxisPlan<AccType<scalar_t>>& rows, const AxisPlan<AccType<scalar_t>>& cols,
                                 Workspace<AccType<scalar_t>>& ws, const Vec<AccType<scalar_t>, N>* g,
@@ -888,7 +889,7 @@ SSIMKD_INLINE void forward_rows(const FusedArgs& a, const LevelDesc& lv, const T
     for (int b = 0; b < cols.blocks; ++b) {
       V s[kMaps];
       vertical_stats<R>(window + b * N, g, s);
-      const V S = ssim_lanes<kDefault, N>(s, vparams, params, in.cx, in.cy);
+      const V S = ssim_lanes<kClosedForm, N>(s, vparams, params, in.cx, in.cy);
       if (map != nullptr) S.store(s_row + b * N);
       if (lv.weight != nullptr) {
         total.add_product(b, pixel_loss(S, params.clamp), V::load(w_row + b * N), n_out - b * N);
@@ -924,7 +925,7 @@ SSIMKD_INLINE void forward_tile(const FusedArgs& a, const LaunchPlans<AccType<sc
   timer.lap(kPhaseLoad);
   horizontal_pass<R>(ws, rows, cols, g);
   timer.lap(kPhaseHorizontal);
-  if (default_exponents(lv)) {
+  if (closed_form(lv)) {
     forward_rows<true, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sums);
   } else {
     forward_rows<false, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, tile_sums);
@@ -941,7 +942,7 @@ SSIMKD_INLINE void forward_tile(const FusedArgs& a, const LaunchPlans<AccType<sc
 // + (p - (t0 - R)) * kTargets, so that a target row's window rows are consecutive; the rows of that
 // range that hold no centre are 0. Target vectors whose targets see only unfolded, unmasked windows
 // use the taps (g is symmetric); border vectors use the plan's per-target weights.
-template <bool kDefault, typename scalar_t, int R, int N>
+template <bool kClosedForm, typename scalar_t, int R, int N>
 SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const TileCoord& tc,
                                  const AxisPlan<AccType<scalar_t>>& rows, const AxisPlan<AccType<scalar_t>>& cols,
                                  Workspace<AccType<scalar_t>>& ws, const Vec<AccType<scalar_t>, N>* g,
@@ -988,7 +989,7 @@ SSIMKD_INLINE void backward_rows(const FusedArgs& a, const LevelDesc& lv, const 
       V s[kMaps], coef[kMaps];
       vertical_stats<R>(window + b * N, g, s);
       const V scale = lv.weight != nullptr ? V(grad_scale) * V::load(w_row + b * N) : V(grad_scale);
-      coefficient_lanes<kDefault, N>(s, vparams, params, in.cx, in.cy, scale, V::load(g_row + b * N), coef);
+      coefficient_lanes<kClosedForm, N>(s, vparams, params, in.cx, in.cy, scale, V::load(g_row + b * N), coef);
       const auto centre = V::iota() < V(n_centres - b * N);  // lanes past the last centre hold 0
       for (int m = 0; m < n_coeff; ++m) where(centre, coef[m], V(T(0))).store(coeffs + m * G::kCoeffs + u0 + b * N);
     }
@@ -1145,7 +1146,7 @@ SSIMKD_INLINE void backward_tile(const FusedArgs& a, const LaunchPlans<AccType<s
   horizontal_pass<R>(ws, rows, cols, g);
   timer.lap(kPhaseHorizontal);
   // Pass 2: per centre row, the statistics, the coefficients and their horizontal transposed pass.
-  if (default_exponents(lv)) {
+  if (closed_form(lv)) {
     backward_rows<true, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, n_coeff);
   } else {
     backward_rows<false, scalar_t, R, N>(a, lv, tc, rows, cols, ws, g, in, n_coeff);

@@ -30,12 +30,13 @@ constexpr double kEpsSigma = 1e-8;
 // Scalar options of one SSIM evaluation, in the accumulation type T (float, or double for fp64 input).
 template <typename T>
 struct SsimParams {
-  T c1;                    // (k1 * data_range)^2, stabilises the luminance term l
-  T c2;                    // (k2 * data_range)^2, stabilises contrast c; c3 = c2 / 2 stabilises s
-  T alpha, beta, gamma;    // exponents of l, c, s
-  bool default_exponents;  // alpha = beta = gamma = 1: closed form A1 A2 / (B1 B2), no square root
-  bool clamp;              // per-pixel loss m = (1 - S) / 2 clamped to [0, 1], gradient 0 where clamped
-  T eps_sigma;             // kEpsSigma: sigma = sqrt(max(var, 0) + eps_sigma) in the general path
+  T c1;                  // (k1 * data_range)^2, stabilises the luminance term l
+  T c2;                  // (k2 * data_range)^2, stabilises contrast c; c3 = c2 / 2 stabilises s
+  T alpha, beta, gamma;  // exponents of l, c, s
+  bool closed_form;      // beta = gamma = 1, alpha 0 or 1: S = (A1 / B1)^alpha A2 / B2, no square root
+  bool luminance;        // alpha != 0: the closed form's A1 / B1 factor is present
+  bool clamp;            // per-pixel loss m = (1 - S) / 2 clamped to [0, 1], gradient 0 where clamped
+  T eps_sigma;           // kEpsSigma: sigma = sqrt(max(var, 0) + eps_sigma) in the general path
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -140,24 +141,38 @@ SSIMKD_HD void power_and_derivative(T v, T e, T* value, T* derivative) {
   }
 }
 
-// Default exponents: S = A1 A2 / (B1 B2). Partials written without dividing by A1 or A2, which can be
+// Closed forms, for beta = gamma = 1: with C3 = C2 / 2 and raw variances in c's denominator, c s =
+// A2 / B2 exactly, whatever the square roots and the clamp of the general path give (their partials
+// cancel too), so S = A1 A2 / (B1 B2) for alpha = 1 (the default) and S = A2 / B2 for alpha = 0
+// (MS-SSIM's contrast-structure levels). Partials written without dividing by A1 or A2, which can be
 // exactly 0 for signed, un-normalised features.
 template <typename T>
-SSIMKD_HD T ssim_default(const Moments<T>& m, const SsimParams<T>& p) {
-  const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
-  const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
+SSIMKD_HD T ssim_closed_form(const Moments<T>& m, const SsimParams<T>& p) {
   const T A2 = T(2) * m.cov_xy + p.c2;
   const T B2 = m.var_x + m.var_y + p.c2;
+  if (!p.luminance) return A2 / B2;
+  const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
+  const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
   return (A1 * A2) / (B1 * B2);
 }
 
 template <typename T>
-SSIMKD_HD SsimPartials<T> ssim_partials_default(const Moments<T>& m, const SsimParams<T>& p) {
+SSIMKD_HD SsimPartials<T> ssim_partials_closed_form(const Moments<T>& m, const SsimParams<T>& p) {
   SsimPartials<T> out;
-  const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
-  const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
   const T A2 = T(2) * m.cov_xy + p.c2;
   const T B2 = m.var_x + m.var_y + p.c2;
+  if (!p.luminance) {
+    const T inv_B2 = T(1) / B2;
+    out.S = A2 * inv_B2;
+    out.dS_dmu_x = T(0);
+    out.dS_dmu_y = T(0);
+    out.dS_dvar_x = -out.S * inv_B2;
+    out.dS_dvar_y = out.dS_dvar_x;
+    out.dS_dcov = T(2) * inv_B2;
+    return out;
+  }
+  const T A1 = T(2) * m.mu_x * m.mu_y + p.c1;
+  const T B1 = m.mu_x * m.mu_x + m.mu_y * m.mu_y + p.c1;
   const T inv_B1B2 = T(1) / (B1 * B2);
   out.S = A1 * A2 * inv_B1B2;
   out.dS_dmu_x = T(2) * m.mu_y * A2 * inv_B1B2 - T(2) * m.mu_x * out.S / B1;
@@ -169,8 +184,8 @@ SSIMKD_HD SsimPartials<T> ssim_partials_default(const Moments<T>& m, const SsimP
 }
 
 // General exponents: l = A1 / B1, c = (2 sx sy + C2) / B2, s = (cov + C3) / (sx sy + C3), with
-// sigma = sqrt(max(var, 0) + eps); d max(var, 0) / d var = [var >= 0], as torch.clamp. With raw
-// variances in c's denominator, c s = A2 / B2 exactly, so (1, 1, 1) agrees with the default form.
+// sigma = sqrt(max(var, 0) + eps); d max(var, 0) / d var = [var >= 0], as torch.clamp. Exponents with
+// a closed form never come here (ssim_partials), but would agree with it up to rounding.
 template <typename T>
 SSIMKD_HD SsimPartials<T> ssim_partials_general(const Moments<T>& m, const SsimParams<T>& p) {
   SsimPartials<T> out;
@@ -210,12 +225,12 @@ SSIMKD_HD SsimPartials<T> ssim_partials_general(const Moments<T>& m, const SsimP
 
 template <typename T>
 SSIMKD_HD SsimPartials<T> ssim_partials(const Moments<T>& m, const SsimParams<T>& p) {
-  return p.default_exponents ? ssim_partials_default(m, p) : ssim_partials_general(m, p);
+  return p.closed_form ? ssim_partials_closed_form(m, p) : ssim_partials_general(m, p);
 }
 
 template <typename T>
 SSIMKD_HD T ssim_value(const Moments<T>& m, const SsimParams<T>& p) {
-  return p.default_exponents ? ssim_default(m, p) : ssim_partials_general(m, p).S;
+  return p.closed_form ? ssim_closed_form(m, p) : ssim_partials_general(m, p).S;
 }
 
 // c ? a : b. The CPU op's SIMD vectors overload it lane by lane (ssim_cpu.cpp), so the functions

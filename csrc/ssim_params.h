@@ -109,9 +109,10 @@ SSIMKD_HD T l1_sign(T x_hat, T y_hat) {
   return T(x_hat > y_hat) - T(x_hat < y_hat);
 }
 
-// Whether a level's exponents are (1, 1, 1): the closed form A1 A2 / (B1 B2), chosen per level.
-SSIMKD_HD bool default_exponents(const LevelDesc& lv) {
-  return lv.alpha == 1.0 && lv.beta == 1.0 && lv.gamma == 1.0;
+// Whether a level's SSIM has a closed form (ssim_math.h): beta = gamma = 1 and alpha 0 or 1, as the
+// default (1, 1, 1) and MS-SSIM's (0, 1, 1). Chosen per level.
+SSIMKD_HD bool closed_form(const LevelDesc& lv) {
+  return lv.beta == 1.0 && lv.gamma == 1.0 && (lv.alpha == 0.0 || lv.alpha == 1.0);
 }
 
 template <typename T>
@@ -122,7 +123,8 @@ SSIMKD_HD SsimParams<T> make_ssim_params(const FusedArgs& a, const LevelDesc& lv
   p.alpha = T(lv.alpha);
   p.beta = T(lv.beta);
   p.gamma = T(lv.gamma);
-  p.default_exponents = default_exponents(lv);
+  p.closed_form = closed_form(lv);
+  p.luminance = lv.alpha != 0.0;
   p.clamp = a.clamp;
   p.eps_sigma = T(kEpsSigma);
   return p;

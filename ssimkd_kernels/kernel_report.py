@@ -156,7 +156,7 @@ def kernel_constants(config: KernelConfig) -> dict:
         WIDE=False,
     )
     if config.ms_ssim:  # levels with (0, 1, 1) and (1, 1, 1): alpha's kind is decided per level
-        constants.update(KINDS=(module.EXPONENT_PER_LEVEL.value, *constants["KINDS"][1:]), DEFAULT_EXPONENTS=False)
+        constants.update(KINDS=(module.EXPONENT_PER_LEVEL.value, *constants["KINDS"][1:]))
     if config.kernel == "fwd":
         constants.update(WRITE_MAP=False)
     else:

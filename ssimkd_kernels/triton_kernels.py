@@ -397,7 +397,7 @@ def _ssim_and_partials(
     beta,
     gamma,
     EPS: tl.constexpr,
-    DEFAULT: tl.constexpr,
+    CLOSED_FORM: tl.constexpr,
     PARTIALS: tl.constexpr,
     KINDS: tl.constexpr,
     ODDS: tl.constexpr,
@@ -406,13 +406,23 @@ def _ssim_and_partials(
     A1 = 2.0 * mu_x * mu_y + c1
     B1 = mu_x * mu_x + mu_y * mu_y + c1
     B2 = var_x + var_y + c2
-    if DEFAULT:
+    if CLOSED_FORM:  # beta = gamma = 1, alpha 0 or 1: S = (A1 / B1)^alpha A2 / B2 (ssim_partials_closed_form)
         A2 = 2.0 * cov + c2
+        if KINDS[0] == EXPONENT_ABSENT:
+            has_l = False
+        elif KINDS[0] == EXPONENT_PER_LEVEL:  # MS-SSIM's launch: alpha 0 on its contrast-structure levels
+            has_l = alpha != 0.0
+        if KINDS[0] != EXPONENT_ONE:  # l = 1 where alpha = 0
+            A1 = tl.where(has_l, A1, 1.0)
+            B1 = tl.where(has_l, B1, 1.0)
         inv_B1B2 = 1.0 / (B1 * B2)
         S = A1 * A2 * inv_B1B2
         if PARTIALS:
             dS_dmu_x = 2.0 * mu_y * A2 * inv_B1B2 - 2.0 * mu_x * S / B1
             dS_dmu_y = 2.0 * mu_x * A2 * inv_B1B2 - 2.0 * mu_y * S / B1
+            if KINDS[0] != EXPONENT_ONE:
+                dS_dmu_x = tl.where(has_l, dS_dmu_x, 0.0)
+                dS_dmu_y = tl.where(has_l, dS_dmu_y, 0.0)
             dS_dvar_x = -S / B2
             return S, dS_dmu_x, dS_dmu_y, dS_dvar_x, dS_dvar_x, 2.0 * A1 * inv_B1B2
         else:
@@ -673,7 +683,7 @@ def _forward_row(
     WRITE_MAP: tl.constexpr,
     HAS_PIXEL_WEIGHTS: tl.constexpr,
     HAS_L1: tl.constexpr,
-    DEFAULT_EXPONENTS: tl.constexpr,
+    CLOSED_FORM: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
     KINDS: tl.constexpr,
@@ -699,7 +709,7 @@ def _forward_row(
         beta,
         gamma,
         EPS_SIGMA,
-        DEFAULT_EXPONENTS,
+        CLOSED_FORM,
         False,
         KINDS,
         ODDS,
@@ -755,7 +765,7 @@ def _ssim_fwd_kernel(
     WRITE_MAP: tl.constexpr,
     HAS_PIXEL_WEIGHTS: tl.constexpr,
     HAS_L1: tl.constexpr,
-    DEFAULT_EXPONENTS: tl.constexpr,
+    CLOSED_FORM: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
     KINDS: tl.constexpr,
@@ -768,7 +778,7 @@ def _ssim_fwd_kernel(
     # all rows. Per output row p: the vertical pass at each lane's column, the horizontal pass through a
     # scratch row, then on x' = x-hat - (the slot's centre)
     #   mu' = W x', var = W(x'^2) - mu'^2, cov = W(x'y') - mu'_x mu'_y,
-    #   S = A1 A2 / (B1 B2) (or l^a c^b s^g), m = (1 - S) / 2; writes each pair's sum of w m (w: the
+    #   S = (A1 / B1)^a A2 / B2 (or l^a c^b s^g), m = (1 - S) / 2; writes each pair's sum of w m (w: the
     #   pixel's weight, or 1) and, with HAS_L1, of |x-hat - y-hat| over its pixels; the map when asked.
     K: tl.constexpr = 2 * R + 1
     KP: tl.constexpr = triton.next_power_of_2(K)
@@ -858,7 +868,7 @@ def _ssim_fwd_kernel(
                 WRITE_MAP,
                 HAS_PIXEL_WEIGHTS,
                 HAS_L1,
-                DEFAULT_EXPONENTS,
+                CLOSED_FORM,
                 CLAMP,
                 EPS_SIGMA,
                 KINDS,
@@ -1021,7 +1031,7 @@ def _backward_row(
     HAS_L1: tl.constexpr,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
-    DEFAULT_EXPONENTS: tl.constexpr,
+    CLOSED_FORM: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
     KINDS: tl.constexpr,
@@ -1046,7 +1056,7 @@ def _backward_row(
         beta,
         gamma,
         EPS_SIGMA,
-        DEFAULT_EXPONENTS,
+        CLOSED_FORM,
         True,
         KINDS,
         ODDS,
@@ -1137,7 +1147,7 @@ def _ssim_bwd_kernel(
     PLANE_SUMS: tl.constexpr,
     NEED_X: tl.constexpr,
     NEED_Y: tl.constexpr,
-    DEFAULT_EXPONENTS: tl.constexpr,
+    CLOSED_FORM: tl.constexpr,
     CLAMP: tl.constexpr,
     EPS_SIGMA: tl.constexpr,
     KINDS: tl.constexpr,
@@ -1282,7 +1292,7 @@ def _ssim_bwd_kernel(
                 HAS_L1,
                 NEED_X,
                 NEED_Y,
-                DEFAULT_EXPONENTS,
+                CLOSED_FORM,
                 CLAMP,
                 EPS_SIGMA,
                 KINDS,
@@ -1698,7 +1708,7 @@ def _layout_flags(xs, ys, pixel_weights=()) -> dict:
 def kernel_constants(options, level_exponents=()) -> dict:
     """The constexprs both kernels take from the op's options (and its per-level exponents: an exponent
     that differs between levels is of kind EXPONENT_PER_LEVEL, and the closed form is taken only when
-    every level's exponents are (1, 1, 1))."""
+    every level's has one: beta = gamma = 1 and alpha 0 or 1, as SSIM's and MS-SSIM's levels)."""
     triples = _level_exponent_triples(options, level_exponents, max(len(level_exponents) // 3, 1))
     columns = list(zip(*triples))  # per exponent, its value in each level
     kinds = tuple(
@@ -1710,7 +1720,7 @@ def kernel_constants(options, level_exponents=()) -> dict:
         R=len(taps) // 2,
         PADDING=options.padding,
         CLAMP=options.clamp,
-        DEFAULT_EXPONENTS=all(triple == (1.0, 1.0, 1.0) for triple in triples),
+        CLOSED_FORM=all(alpha in (0.0, 1.0) and beta == gamma == 1.0 for alpha, beta, gamma in triples),
         KINDS=kinds,
         ODDS=tuple(float(values[0]).is_integer() and int(values[0]) % 2 == 1 for values in columns),
         EPS_SIGMA=EPS_SIGMA,

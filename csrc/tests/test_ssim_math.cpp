@@ -31,7 +31,8 @@ SsimParams<double> params(double a, double b, double g) {
   p.alpha = a;
   p.beta = b;
   p.gamma = g;
-  p.default_exponents = a == 1 && b == 1 && g == 1;
+  p.closed_form = b == 1 && g == 1 && (a == 0 || a == 1);
+  p.luminance = a != 0;
   p.clamp = true;
   p.eps_sigma = kEpsSigma;
   return p;
@@ -61,6 +62,28 @@ void test_partials() {
         *fields[f] = keep;
         expect_near(analytic[f], (up - down) / (2 * h), 1e-6, "dS", index * 5 + f);
       }
+    }
+  }
+}
+
+// The closed forms (alpha 0 or 1, beta = gamma = 1) equal the general path's l^alpha c s, values and
+// partials, also where rounding left a variance negative (the general path's clamp).
+void test_closed_forms() {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<double> mu(-0.5, 0.95), var(-1e-9, 0.1), corr(-0.9, 0.9);
+  int index = 0;
+  for (double alpha : {0.0, 1.0}) {
+    const SsimParams<double> closed = params(alpha, 1, 1);
+    SsimParams<double> general = closed;
+    general.closed_form = false;
+    for (int trial = 0; trial < 200; ++trial, ++index) {
+      Moments<double> m{mu(rng), mu(rng), var(rng), var(rng), 0.0};
+      m.cov_xy = corr(rng) * std::sqrt(std::fabs(m.var_x * m.var_y));
+      const SsimPartials<double> a = ssim_partials(m, closed), b = ssim_partials(m, general);
+      const double got[] = {a.S, a.dS_dmu_x, a.dS_dmu_y, a.dS_dvar_x, a.dS_dvar_y, a.dS_dcov};
+      const double want[] = {b.S, b.dS_dmu_x, b.dS_dmu_y, b.dS_dvar_x, b.dS_dvar_y, b.dS_dcov};
+      for (int f = 0; f < 6; ++f) expect_near(got[f], want[f], 1e-9, "closed form", index * 6 + f);
+      expect_near(ssim_value(m, closed), b.S, 1e-12, "closed form S", index);
     }
   }
 }
@@ -134,6 +157,7 @@ void test_fold_and_transpose() {
 
 int main() {
   test_partials();
+  test_closed_forms();
   test_backward_coeffs();
   test_fold_and_transpose();
   if (failures) {
