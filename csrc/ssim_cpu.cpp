@@ -418,7 +418,7 @@ AxisPlan<T> plan_axis(int64_t t0, int64_t t1, int64_t n, int radius, int padding
     std::vector<uint8_t> plain_group(size_t(blocks_of(t1 - t0, kLanes)), 1);
     for (int64_t q = 0; q < t1 - t0; ++q) {
       for (int k = 0; k < k_count; ++k) {
-        const T w = transposed_tap(t0 + q, t0 + q + k - radius, n, radius, padding, taps);
+        const T w = transposed_tap<T>(t0 + q, t0 + q + k - radius, n, radius, padding, taps);
         p.weight[k * p.target_stride + q] = w;
         if (w != taps[k]) plain_group[q / kLanes] = 0;  // g is symmetric: plain means w = g[k]
       }

@@ -303,8 +303,8 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
   const T cx = sm.means[0], cy = sm.means[1];
   for (int idx = th.tid; idx < TILE * K; idx += th.nthreads) {
     const int q = idx / K, j = idx - (idx / K) * K;  // tap_h[q][j]: centre h0 + q + j - R -> row h0 + q
-    sm.tap_h[idx] = transposed_tap(p.h0 + q, p.h0 + q + j - R, lv.H, R, a.padding, taps);
-    sm.tap_w[j * TILE + q] = transposed_tap(p.w0 + q, p.w0 + q + j - R, lv.W, R, a.padding, taps);
+    sm.tap_h[idx] = transposed_tap<T>(p.h0 + q, p.h0 + q + j - R, lv.H, R, a.padding, a.taps);
+    sm.tap_w[j * TILE + q] = transposed_tap<T>(p.w0 + q, p.w0 + q + j - R, lv.W, R, a.padding, a.taps);
   }
 
   SSIMKD_STAGE("horizontal pass");  // all LL rows, LS output columns (centres w0 - R ...)
@@ -326,7 +326,9 @@ SSIMKD_DEVICE void backward_block(const Thread& th, const FusedArgs& a, int64_t 
     T blurred[5][kStrip];
     for (int q = 0; q < 5; ++q)
       vertical_strip<T, R>(sm.maps + q * S::LL * S::LS, S::LL, S::LS, i0, j, taps, blurred[q]);
-    for (int s = 0; s < kStrip && i0 + s < S::LS; ++s) {
+    SSIMKD_UNROLL
+    for (int s = 0; s < kStrip; ++s) {
+      if (i0 + s >= S::LS) break;
       const int64_t ph = p.h0 - R + i0 + s;
       BackwardCoeffs<T> bc = {T(0), T(0), T(0), T(0), T(0)};
       if (is_output(ph, lv.H, R, a.padding) && is_output(pw, lv.W, R, a.padding)) {

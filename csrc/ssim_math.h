@@ -71,17 +71,19 @@ SSIMKD_HD bool is_output(int64_t p, int64_t n, int radius, int padding) {
 // One axis of the TRUE transpose of the padded blur: the weight with which output centre p feeds
 // input q, i.e. sum over taps k with source_index(p + k) == q of g[k]. For zero and valid padding
 // this is g[q - p]; for reflect it also collects the taps that the fold maps onto q (border rows and
-// planes smaller than the window). Nonzero only for |p - q| <= radius.
-template <typename T>
-SSIMKD_HD T transposed_tap(int64_t q, int64_t p, int64_t n, int radius, int padding, const T* taps) {
+// planes smaller than the window). Nonzero only for |p - q| <= radius. `taps` is anything indexable
+// whose elements convert to T: the CUDA kernels pass their parameter's double taps, as a local array
+// indexed at run time would live in local memory.
+template <typename T, typename Taps>
+SSIMKD_HD T transposed_tap(int64_t q, int64_t p, int64_t n, int radius, int padding, const Taps& taps) {
   if (!is_output(p, n, radius, padding)) return T(0);
   const int64_t offset = q - p;
   if (p - radius >= 0 && p + radius < n) {  // window inside the plane: no fold
-    return (offset >= -radius && offset <= radius) ? taps[offset + radius] : T(0);
+    return (offset >= -radius && offset <= radius) ? T(taps[offset + radius]) : T(0);
   }
   T weight = T(0);
   for (int k = -radius; k <= radius; ++k) {
-    if (source_index(p + k, n, padding) == q) weight += taps[k + radius];
+    if (source_index(p + k, n, padding) == q) weight += T(taps[k + radius]);
   }
   return weight;
 }

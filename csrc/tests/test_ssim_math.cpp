@@ -145,7 +145,7 @@ void test_fold_and_transpose() {
         }
         for (int q = 0; q < n; ++q)
           for (int p = 0; p < n; ++p) {
-            const double t = (p - q >= -r && p - q <= r) ? transposed_tap(q, p, n, r, padding, taps) : 0.0;
+            const double t = (p - q >= -r && p - q <= r) ? transposed_tap<double>(q, p, n, r, padding, taps) : 0.0;
             expect_near(t, B[size_t(p) * n + q], 1e-15, "transposed_tap", (window * 100 + n) * 10 + padding);
           }
       }
